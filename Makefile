@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    - the mirror daemon (embedded PostgreSQL unless MIRROR_DATABASE_URL is set)
+#   make test   - the whole test suite against a real Mosquitto and a real PostgreSQL
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test venv mosquitto lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/flespi-mirror run $(ARGS)
+
+# The tests start their own Mosquitto; install the broker when it is missing and we may.
+mosquitto:
+	@bash scripts/ensure-mosquitto.sh
+
+test: $(STAMP) mosquitto
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mirror tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) mosquitto
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

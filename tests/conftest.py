@@ -1,0 +1,34 @@
+"""Fixtures: a real Mosquitto per test and one fresh PostgreSQL database per test session.
+
+Each test gets its own PostgreSQL schema inside the session's database (the mirror's --schema
+option), so tests never see each other's rows and no test needs to clean up.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from mirror.testing import MosquittoBroker, TestDatabase, fresh_database
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[TestDatabase]:
+    with fresh_database() as db:
+        yield db
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoBroker]:
+    b = MosquittoBroker().start()
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+@pytest.fixture
+def schema_name() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
