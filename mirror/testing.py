@@ -71,8 +71,6 @@ class MosquittoBroker:
             "max_queued_messages 0",
             "max_queued_bytes 0",
             "max_inflight_messages 0",
-            "max_packet_size 0",
-            "message_size_limit 0",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
@@ -88,13 +86,14 @@ class MosquittoBroker:
         self.process = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_for_port("127.0.0.1", self.port)
         except TimeoutError:
             self.stop()
-            log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+            logfile = self.workdir / "mosquitto.log"
+            log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
             raise RuntimeError(f"mosquitto did not start on port {self.port}: {log}") from None
         return self
 

@@ -1,0 +1,193 @@
+"""Every metric the mirror exports, defined once, plus the HTTP listener that serves them.
+
+Label values come from bounded sets only (topic family, table, operation, reason, QoS): never a
+device id or a topic. The listener serves ``/metrics``, ``/healthz`` and ``/readyz`` and nothing
+else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from mirror import __version__
+
+log = logging.getLogger(__name__)
+
+PREFIX = "flespi_mirror"
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+BUILD_INFO = Info(f"{PREFIX}_build", "Version of the running mirror.", registry=REGISTRY)
+BUILD_INFO.info({"version": __version__})
+
+MESSAGES_RECEIVED = Counter(
+    f"{PREFIX}_messages_received_total",
+    "MQTT messages taken into a batch, by topic family and QoS.",
+    ["family", "qos"],
+    registry=REGISTRY,
+)
+ROWS_WRITTEN = Counter(
+    f"{PREFIX}_rows_written_total",
+    "Rows written by committed transactions, by table and operation "
+    "(upsert, delete, append; stale = an update older than the stored row, not applied; "
+    "duplicate = a history message already stored).",
+    ["table", "operation"],
+    registry=REGISTRY,
+)
+SUPERSEDED = Counter(
+    f"{PREFIX}_records_superseded_total",
+    "Records dropped inside a batch because a newer record for the same key was in it.",
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    f"{PREFIX}_dead_letters_total",
+    "Messages that could not be mirrored and went to the dead_letters table, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    f"{PREFIX}_batch_messages",
+    "Messages per committed batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000),
+    registry=REGISTRY,
+)
+COMMIT_DURATION = Histogram(
+    f"{PREFIX}_commit_duration_seconds",
+    "Time to write and commit one batch.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+LAG = Histogram(
+    f"{PREFIX}_lag_seconds",
+    "End-to-end lag: commit time minus the message's MQTT 'timestamp' user property.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    registry=REGISTRY,
+)
+UNACKED = Gauge(
+    f"{PREFIX}_unacked_messages",
+    "Messages received from the broker and not yet acknowledged.",
+    registry=REGISTRY,
+)
+RECONNECTS = Counter(
+    f"{PREFIX}_reconnects_total",
+    "MQTT reconnect attempts after a lost or failed connection.",
+    registry=REGISTRY,
+)
+MQTT_CONNECTED = Gauge(
+    f"{PREFIX}_mqtt_connected",
+    "1 while the MQTT session is connected.",
+    registry=REGISTRY,
+)
+READY = Gauge(
+    f"{PREFIX}_ready",
+    "1 while the broker session is up and the database is writable (as /readyz).",
+    registry=REGISTRY,
+)
+LAST_COMMIT = Gauge(
+    f"{PREFIX}_last_commit_timestamp_seconds",
+    "Unix time of the last committed batch.",
+    registry=REGISTRY,
+)
+DATABASE_ERRORS = Counter(
+    f"{PREFIX}_database_errors_total",
+    "Failed batch writes: unavailable = retried later; refused = rows isolated to dead letters.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+
+@dataclass
+class Health:
+    """What /healthz and /readyz answer from."""
+
+    mqtt_connected: bool = False
+    subscribed: bool = False
+    database_ok: bool = False
+    stopping: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.mqtt_connected and self.database_ok and not self.stopping
+
+    def update(self, **changes: bool) -> None:
+        for name, value in changes.items():
+            setattr(self, name, value)
+        MQTT_CONNECTED.set(1 if self.mqtt_connected else 0)
+        READY.set(1 if self.ready else 0)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def health_app(health: Health) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            if health.ready:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ready\n"]
+            reasons = [
+                name
+                for name, ok in (
+                    ("mqtt disconnected", health.mqtt_connected),
+                    ("database unavailable", health.database_ok),
+                    ("stopping", not health.stopping),
+                )
+                if not ok
+            ]
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [("not ready: " + ", ".join(reasons) + "\n").encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+class MetricsServer:
+    """The HTTP listener, in a daemon thread so a busy event loop never delays a scrape."""
+
+    def __init__(self, host: str, port: int, health: Health) -> None:
+        self._server = make_server(
+            host, port, health_app(health), ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        self.port = int(self._server.server_port)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

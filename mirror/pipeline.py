@@ -1,0 +1,199 @@
+"""The daemon: MQTT session → decode → coalesce → one transaction → acknowledge.
+
+The pipeline owns what joins the pieces: batching (flush on size or after a short interval),
+retrying a batch while the database is unavailable (nothing is acknowledged meanwhile, and the
+source stops reading at its bound), health, metrics, and the order of shutdown: stop reading,
+commit and acknowledge what is in hand, disconnect keeping the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mirror import metrics
+from mirror.batch import WritePlan, coalesce
+from mirror.config import Settings
+from mirror.database import migrate
+from mirror.source import MqttSource, Received
+from mirror.store import DatabaseUnavailable, Store, WriteResult
+from mirror.topics import Rejection, decode
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 0.2
+RETRY_MAX = 10.0
+
+
+class ShutdownTimeout(Exception):
+    """The database stayed unavailable past the shutdown deadline; the batch stays unacked."""
+
+
+class Mirror:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        *,
+        health: metrics.Health | None = None,
+        resync: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = Store(engine)
+        self.health = health or metrics.Health()
+        self.source = MqttSource(
+            settings,
+            on_connection_change=lambda up: self.health.update(mqtt_connected=up),
+            on_reconnect=metrics.RECONNECTS.inc,
+            resync=resync,
+        )
+        self._stopping = asyncio.Event()
+        self._deadline: float | None = None
+        self.committed_messages = 0
+        self.committed_batches = 0
+
+    def request_stop(self) -> None:
+        """Graceful stop (SIGTERM): drain what is in hand, then disconnect."""
+        if not self._stopping.is_set():
+            log.info("stopping: committing what is in hand, then disconnecting")
+            self._deadline = time.monotonic() + self.settings.shutdown_timeout
+            self._stopping.set()
+            self.health.update(stopping=True)
+            self.source.stop_reading()
+
+    async def prepare_database(self) -> None:
+        """Migrate (unless disabled), retrying while the database cannot be reached."""
+        delay = RETRY_MIN
+        while not self._stopping.is_set():
+            try:
+                if self.settings.migrate:
+                    await migrate(self.engine, self.settings.schema)
+                else:
+                    async with self.engine.connect() as conn:
+                        await conn.exec_driver_sql("SELECT 1")
+                self.health.update(database_ok=True)
+                return
+            except (OSError, TimeoutError) as exc:
+                error: BaseException = exc
+            except Exception as exc:
+                from mirror.store import is_retryable
+
+                if not is_retryable(exc):
+                    raise
+                error = exc
+            self.health.update(database_ok=False)
+            log.warning("database not reachable yet (%s); retrying in %.1fs", error, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(RETRY_MAX, delay * 2)
+
+    async def run(self) -> None:
+        await self.prepare_database()
+        if self._stopping.is_set():
+            return
+        session = asyncio.create_task(self.source.run(), name="mqtt-session")
+        try:
+            await self._consume()
+        finally:
+            self.source.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session
+            self.health.update(mqtt_connected=False)
+
+    async def _consume(self) -> None:
+        s = self.settings
+        while True:
+            batch = await self.source.take(s.batch_size, s.flush_interval)
+            if not batch:  # only once stopping and drained
+                return
+            try:
+                await self.commit(batch)
+            except ShutdownTimeout:
+                log.error(
+                    "database still unavailable at the shutdown deadline: %d messages left "
+                    "unacknowledged for redelivery",
+                    self.source.unacked,
+                )
+                return
+
+    async def commit(self, batch: Sequence[Received]) -> WriteResult:
+        """Decode, coalesce, write (retrying while the database is away), then acknowledge."""
+        max_payload = self.settings.max_payload_bytes
+        decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in batch]
+        plan = coalesce(decoded)
+        result = await self._write_until_done(plan)
+        acked = self.source.ack(list(batch))
+        now = time.time()
+        self._observe(batch, decoded, plan, result, now)
+        self.committed_messages += len(batch)
+        self.committed_batches += 1
+        log.debug("committed %d messages (%d acks sent)", len(batch), acked)
+        return result
+
+    async def _write_until_done(self, plan: WritePlan) -> WriteResult:
+        delay = RETRY_MIN
+        outage_started: float | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.store.write(plan)
+            except DatabaseUnavailable as exc:
+                metrics.DATABASE_ERRORS.labels("unavailable").inc()
+                if outage_started is None:
+                    outage_started = time.monotonic()
+                    log.error("database unavailable, holding the batch and retrying: %s", exc)
+                self.health.update(database_ok=False)
+                if self._deadline is not None and time.monotonic() + delay > self._deadline:
+                    raise ShutdownTimeout() from exc
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            metrics.COMMIT_DURATION.observe(time.perf_counter() - started)
+            if outage_started is not None:
+                log.warning(
+                    "database back after %.1fs; batch committed", time.monotonic() - outage_started
+                )
+            if not self.health.database_ok:
+                self.health.update(database_ok=True)
+            return result
+
+    def _observe(
+        self,
+        batch: Sequence[Received],
+        decoded: Sequence[tuple[object, object]],
+        plan: WritePlan,
+        result: WriteResult,
+        now: float,
+    ) -> None:
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.LAST_COMMIT.set(now)
+        metrics.UNACKED.set(self.source.unacked)
+        metrics.SUPERSEDED.inc(plan.superseded)
+        families: dict[tuple[str, int], int] = {}
+        for message, (_inbound, record) in zip(batch, decoded, strict=True):
+            family = str(record.family)  # type: ignore[attr-defined]
+            key = (family, message.qos)
+            families[key] = families.get(key, 0) + 1
+            stamp = message.inbound.properties.get("timestamp")
+            if stamp is not None and not isinstance(record, Rejection):
+                with contextlib.suppress(ValueError):
+                    metrics.LAG.observe(max(0.0, now - float(stamp)))
+        for (family, qos), count in families.items():
+            metrics.MESSAGES_RECEIVED.labels(family, str(qos)).inc(count)
+        for (table, operation), count in result.rows.items():
+            if count:
+                metrics.ROWS_WRITTEN.labels(table, operation).inc(count)
+        for reason, count in result.dead_letters.items():
+            metrics.DEAD_LETTERS.labels(reason).inc(count)
+        if result.dead_letters:
+            log.warning(
+                "dead-lettered %s",
+                ", ".join(f"{n} x {r}" for r, n in sorted(result.dead_letters.items())),
+            )

@@ -1,0 +1,227 @@
+"""The PostgreSQL schema: the public contract analysts and dashboards read.
+
+Tables are defined without a schema name; the daemon and alembic set ``search_path`` to the
+configured schema (``flespi`` by default), so one database can hold several mirrors.
+
+State tables keep the newest value per key. Each has a ``*_tombstones`` twin holding the time of
+the latest deletion per key, so an older update that arrives after a deletion (a redelivery, or
+a reordering between shared-subscription members) cannot bring the row back. Alembic migrations
+are written against these definitions; ``tests/test_migrations.py`` checks they agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
+
+metadata = MetaData()
+
+TS = TIMESTAMP(timezone=True)
+
+
+def _tombstones(name: str, *key: Column[object]) -> Table:
+    return Table(
+        f"{name}_tombstones",
+        metadata,
+        *key,
+        Column("ts", TS, nullable=False, comment="time of the latest deletion of this key"),
+        PrimaryKeyConstraint(*(c.name for c in key)),
+        comment=f"Deletions of {name} rows, so older updates cannot resurrect them.",
+    )
+
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("device_id", BigInteger, nullable=False, comment="flespi device id"),
+    Column("name", Text, nullable=False, comment="parameter name, e.g. position.latitude"),
+    Column("value", JSONB, nullable=False, comment="the parameter's latest value, as sent"),
+    Column("ts", TS, nullable=False, comment="when the value appeared (MQTT 'timestamp')"),
+    Column("received_at", TS, nullable=False, comment="when the mirror received it"),
+    PrimaryKeyConstraint("device_id", "name"),
+    Index("telemetry_name_idx", "name"),
+    comment="Latest value of every device telemetry parameter.",
+)
+telemetry_tombstones = _tombstones(
+    "telemetry", Column("device_id", BigInteger), Column("name", Text)
+)
+
+device_settings = Table(
+    "device_settings",
+    metadata,
+    Column("device_id", BigInteger, nullable=False),
+    Column("name", Text, nullable=False, comment="setting name; deeper levels as name/field"),
+    Column("value", JSONB, nullable=False),
+    Column("ts", TS, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("device_id", "name"),
+    comment="Current device settings.",
+)
+device_settings_tombstones = _tombstones(
+    "device_settings", Column("device_id", BigInteger), Column("name", Text)
+)
+
+plugin_device_configs = Table(
+    "plugin_device_configs",
+    metadata,
+    Column("plugin_id", BigInteger, nullable=False),
+    Column("device_id", BigInteger, nullable=False),
+    Column("config", JSONB, nullable=False, comment="the plugin's configuration for the device"),
+    Column("ts", TS, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("plugin_id", "device_id"),
+    comment="Per-device plugin configurations.",
+)
+plugin_device_configs_tombstones = _tombstones(
+    "plugin_device_configs", Column("plugin_id", BigInteger), Column("device_id", BigInteger)
+)
+
+objects = Table(
+    "objects",
+    metadata,
+    Column("api", Text, nullable=False, comment="flespi API, e.g. gw, storage, platform"),
+    Column("origin", Text, nullable=False, comment="item type, e.g. devices, channels, calcs"),
+    Column("id", BigInteger, nullable=False, comment="item id (the cid for platform/customer)"),
+    Column(
+        "props",
+        JSONB,
+        nullable=False,
+        comment="the whole object with newer property updates merged in",
+    ),
+    Column("base", JSONB, comment="the last whole-object payload, as sent"),
+    Column("base_ts", TS, comment="timestamp of that whole-object payload"),
+    Column("ts", TS, nullable=False, comment="newest timestamp of any update of the object"),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("api", "origin", "id"),
+    comment="flespi items (devices, channels, calcs, ...) with their properties.",
+)
+objects_tombstones = _tombstones(
+    "objects", Column("api", Text), Column("origin", Text), Column("id", BigInteger)
+)
+
+object_properties = Table(
+    "object_properties",
+    metadata,
+    Column("api", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("id", BigInteger, nullable=False),
+    Column("path", ARRAY(Text), nullable=False, comment="property path, e.g. {connections,42}"),
+    Column("value", JSONB, nullable=False),
+    Column("ts", TS, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("api", "origin", "id", "path"),
+    comment="Individual property updates of flespi items (merged into objects.props).",
+)
+object_properties_tombstones = _tombstones(
+    "object_properties",
+    Column("api", Text),
+    Column("origin", Text),
+    Column("id", BigInteger),
+    Column("path", ARRAY(Text)),
+)
+
+intervals = Table(
+    "intervals",
+    metadata,
+    Column("calc_id", BigInteger, nullable=False),
+    Column("device_id", BigInteger, nullable=False),
+    Column("interval_key", Text, nullable=False, comment="'id:<flespi id>' or 'begin:<begin>'"),
+    Column("interval_id", BigInteger, comment="flespi's interval id, when it sent one"),
+    Column("begin", TS),
+    Column("end", TS),
+    Column("duration", Double, comment="seconds"),
+    Column("event", Text, nullable=False, comment="last event: created, updated, ..."),
+    Column("data", JSONB, nullable=False, comment="the whole interval, with every counter"),
+    Column("ts", TS, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("calc_id", "device_id", "interval_key"),
+    Index("intervals_device_begin_idx", "device_id", "begin"),
+    comment="Calculator intervals per device.",
+)
+intervals_tombstones = _tombstones(
+    "intervals",
+    Column("calc_id", BigInteger),
+    Column("device_id", BigInteger),
+    Column("interval_key", Text),
+)
+
+device_messages = Table(
+    "device_messages",
+    metadata,
+    Column("device_id", BigInteger, nullable=False),
+    Column("ts", TS, nullable=False, comment="message 'timestamp' (device time)"),
+    Column("digest", LargeBinary, nullable=False, comment="MD5 of the payload: its identity"),
+    Column("server_ts", TS, comment="message 'server.timestamp'"),
+    Column("ident", Text),
+    Column("payload", JSONB, nullable=False, comment="the whole message, dotted keys"),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("device_id", "ts", "digest"),
+    Index("device_messages_ts_idx", "ts"),
+    comment="Every device message, each stored once.",
+)
+
+channel_messages = Table(
+    "channel_messages",
+    metadata,
+    Column("channel_id", BigInteger, nullable=False),
+    Column("ident", Text, nullable=False),
+    Column("ts", TS, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("server_ts", TS),
+    Column("payload", JSONB, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("channel_id", "ident", "ts", "digest"),
+    Index("channel_messages_ts_idx", "ts"),
+    comment="Every message seen by a channel, each stored once.",
+)
+
+modem_messages = Table(
+    "modem_messages",
+    metadata,
+    Column("modem_id", BigInteger, nullable=False),
+    Column("phone", Text, nullable=False),
+    Column("ts", TS, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("modem_id", "phone", "ts", "digest"),
+    comment="SMS received by modems, each stored once.",
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("topic", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False, comment="first bytes of the payload"),
+    Column("payload_size", Integer, nullable=False, comment="full payload size in bytes"),
+    Column("properties", JSONB, nullable=False, comment="MQTT 5 user properties"),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("received_at", TS, nullable=False),
+    Index("dead_letters_received_at_idx", "received_at"),
+    comment="Messages that could not be mirrored, with the reason.",
+)
+
+STATE_TABLES = (
+    telemetry,
+    device_settings,
+    plugin_device_configs,
+    objects,
+    object_properties,
+    intervals,
+)
+HISTORY_TABLES = (device_messages, channel_messages, modem_messages)
+VIEWS = ("devices", "device_positions")

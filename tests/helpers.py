@@ -1,0 +1,206 @@
+"""Shared pieces of the end-to-end tests: a flespi-like publisher, a daemon, SQL polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mirror.config import Secret, Settings
+from mirror.database import create_engine
+from mirror.metrics import Health
+from mirror.pipeline import Mirror
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return json.dumps(value).encode()
+
+
+class Publisher:
+    """A plain MQTT 5 client that publishes like flespi: user properties timestamp and cid."""
+
+    def __init__(self, url: str, cid: int = 123) -> None:
+        host, port = url.split("//", 1)[1].split(":")
+        self.cid = cid
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"pub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def publish(
+        self,
+        topic: str,
+        value: Any,
+        ts: float | None = None,
+        *,
+        retain: bool = False,
+        properties: dict[str, str] | None = None,
+    ) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        pairs = [("cid", str(self.cid))]
+        if ts is not None:
+            pairs.append(("timestamp", repr(float(ts))))
+        pairs += list((properties or {}).items())
+        props.UserProperty = pairs
+        info = self.client.publish(topic, encode(value), qos=1, retain=retain, properties=props)
+        info.wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextlib.contextmanager
+def publisher(url: str) -> Iterator[Publisher]:
+    p = Publisher(url)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def settings_for(broker_url: str, database_url: str, schema: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "mqtt_url": broker_url,
+        "database_url": Secret(database_url),
+        "schema": schema,
+        "client_id": f"mirror-{schema}",
+        "flush_interval": 0.01,
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class RunningMirror:
+    def __init__(self, mirror: Mirror, task: asyncio.Task[None], engine: AsyncEngine) -> None:
+        self.mirror = mirror
+        self.task = task
+        self.engine = engine
+
+    async def wait_connected(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.mirror.source.connected and self.mirror.source.subscribed):
+            if self.task.done():
+                self.task.result()
+            if time.monotonic() > deadline:
+                raise TimeoutError("the mirror did not connect and subscribe")
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_mirror(settings: Settings) -> AsyncIterator[RunningMirror]:
+    """The daemon in this process (as `flespi-mirror run` wires it), stopped gracefully."""
+    assert settings.database_url is not None
+    engine = create_engine(settings.database_url.reveal(), settings.schema)
+    mirror = Mirror(settings, engine, health=Health())
+    task = asyncio.create_task(mirror.run())
+    running = RunningMirror(mirror, task, engine)
+    try:
+        await running.wait_connected()
+        yield running
+    finally:
+        mirror.request_stop()
+        await asyncio.wait_for(task, 30)
+        await engine.dispose()
+
+
+async def query(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).fetchall())
+
+
+async def eventually(
+    engine: AsyncEngine, sql: str, expected: Any, timeout: float = 10, **params: Any
+) -> Any:
+    """Poll a query until it returns ``expected`` (rows as tuples); fail with the last rows."""
+    deadline = time.monotonic() + timeout
+    rows: Any = None
+    while time.monotonic() < deadline:
+        rows = [tuple(r) for r in await query(engine, sql, **params)]
+        if rows == expected:
+            return rows
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{sql!r}: expected {expected!r}, last saw {rows!r}")
+
+
+async def settle(running: RunningMirror, quiet: float = 0.3, timeout: float = 20) -> None:
+    """Wait until the mirror has nothing unacknowledged for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    calm_since: float | None = None
+    while time.monotonic() < deadline:
+        if running.mirror.source.unacked == 0:
+            calm_since = calm_since or time.monotonic()
+            if time.monotonic() - calm_since >= quiet:
+                return
+        else:
+            calm_since = None
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"still {running.mirror.source.unacked} unacked messages")
+
+
+def daemon_process(
+    broker_url: str, database_url: str, schema: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`flespi-mirror run` as a real process (for SIGKILL and SIGTERM tests)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirror.cli",
+        "run",
+        "--mqtt-url",
+        broker_url,
+        "--database-url",
+        database_url,
+        "--schema",
+        schema,
+        "--client-id",
+        f"mirror-{schema}",
+        "--metrics-port",
+        "0",
+        "--flush-interval",
+        "0.01",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
