@@ -78,6 +78,9 @@ class MosquittoBroker:
             "log_type error",
             "log_type warning",
         ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # As root Mosquitto drops to user 'mosquitto', who cannot write our private workdir.
+            lines.append("user root")
         return "\n".join(lines) + "\n"
 
     def start(self) -> MosquittoBroker:
