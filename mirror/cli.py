@@ -296,9 +296,19 @@ async def _migrate(database_url: str, schema: str) -> int:
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM before the event loop took over signal handling: stop cleanly."""
+
+
+def _terminate_early(signum: int, _frame: Any) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, getattr(args, "log_format", "text"))
+    # Until the daemon's loop installs its own graceful handler, SIGTERM means "exit 0 now".
+    signal.signal(signal.SIGTERM, _terminate_early)
     try:
         if args.command == "simulate":
             return _simulate(args)
@@ -320,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flespi-mirror: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        log.info("%s during start-up: exiting", exc)
+        return 0
     except KeyboardInterrupt:
         return 130
 

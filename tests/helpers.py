@@ -162,9 +162,18 @@ async def settle(running: RunningMirror, quiet: float = 0.3, timeout: float = 20
 
 
 def daemon_process(
-    broker_url: str, database_url: str, schema: str, *extra: str, env: dict[str, str] | None = None
+    broker_url: str,
+    database_url: str,
+    schema: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`flespi-mirror run` as a real process (for SIGKILL and SIGTERM tests)."""
+    """`flespi-mirror run` as a real process (for SIGKILL and SIGTERM tests).
+
+    Output goes to ``log_path`` (appended) so a test can wait for log lines without a pipe
+    that could fill up and block the daemon.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -184,13 +193,28 @@ def daemon_process(
         "0.01",
         *extra,
     ]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        if log_path:
+            out.close()  # type: ignore[union-attr]
+
+
+def wait_for_log(path: Path, needle: str, count: int = 1, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text(errors="replace").count(needle) >= count:
+            return
+        time.sleep(0.05)
+    tail = path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
+    raise TimeoutError(f"{needle!r} x{count} not in the daemon log after {timeout}s:\n{tail}")
 
 
 def stop_process(
