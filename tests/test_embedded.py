@@ -1,0 +1,87 @@
+"""Without a database URL, `run` starts an embedded PostgreSQL that keeps data between runs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+
+import asyncpg
+import psutil
+import pytest
+
+from mirror.config import asyncpg_connect_kwargs
+from tests.helpers import ROOT, Publisher, stop_process, wait_for_log
+
+pytestmark = pytest.mark.slow
+
+
+def run_embedded(broker_url: str, data_dir, log):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirror.cli",
+        "run",
+        "--mqtt-url",
+        broker_url,
+        "--data-dir",
+        str(data_dir),
+        "--client-id",
+        "embedded-test",
+        "--metrics-port",
+        "0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MIRROR_DATABASE_URL"}
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def postgres_running(data_dir) -> bool:
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "postgres" and str(data_dir) in " ".join(
+            proc.info["cmdline"] or []
+        ):
+            return True
+    return False
+
+
+async def count_rows(url: str) -> int:
+    conn = await asyncpg.connect(**asyncpg_connect_kwargs(url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM flespi.telemetry"))
+    finally:
+        await conn.close()
+
+
+async def wait_rows(url: str, expected: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := await count_rows(url)) < expected:
+        assert time.monotonic() < deadline, f"{n} of {expected} rows"
+        await asyncio.sleep(0.1)
+
+
+async def test_embedded_postgres_starts_persists_across_runs_and_stops(broker, tmp_path):
+    data_dir = tmp_path / "pgdata"
+    log = tmp_path / "daemon.log"
+    for run, device in enumerate((1, 2), start=1):
+        proc = run_embedded(broker.url, data_dir, log)
+        try:
+            wait_for_log(log, "subscribed to", count=run, timeout=120)
+            url = re.findall(r"connect with: psql '([^']+)'", log.read_text())[-1]
+            assert "flespi_mirror" in url
+            pub = Publisher(broker.url)
+            pub.publish(f"flespi/state/gw/devices/{device}/telemetry/x", device, 1_731_990_000.0)
+            pub.close()
+            await wait_rows(url, run)  # run 2 still sees run 1's row: data persisted
+        finally:
+            assert stop_process(proc, signal.SIGTERM, timeout=60) == 0
+        deadline = time.monotonic() + 20
+        while postgres_running(data_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not postgres_running(data_dir), "the embedded PostgreSQL was left running"
+    assert (data_dir / "PG_VERSION").exists()

@@ -1,0 +1,90 @@
+"""Migrations: upgrade and downgrade on an empty database, and agreement with schema.py."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from mirror.database import create_engine, downgrade, migrate
+from mirror.schema import metadata
+from tests.helpers import query
+
+TABLES = {
+    "telemetry",
+    "device_settings",
+    "plugin_device_configs",
+    "objects",
+    "object_properties",
+    "intervals",
+    "device_messages",
+    "channel_messages",
+    "modem_messages",
+    "dead_letters",
+}
+
+
+async def relations(engine, schema: str) -> set[str]:
+    rows = await query(
+        engine,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = :s",
+        s=schema,
+    )
+    return {r[0] for r in rows}
+
+
+async def test_upgrade_then_downgrade_on_an_empty_database(database, schema_name):
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name)
+        created = await relations(engine, schema_name)
+        assert TABLES | {"devices", "device_positions", "alembic_version"} <= created
+        assert {f"{t}_tombstones" for t in ("telemetry", "objects", "intervals")} <= created
+        await migrate(engine, schema_name)  # idempotent: already at head
+        await downgrade(engine, schema_name, "base")
+        assert await relations(engine, schema_name) == {"alembic_version"}
+        await migrate(engine, schema_name)  # and back up again
+        assert TABLES <= await relations(engine, schema_name)
+    finally:
+        await engine.dispose()
+
+
+def _diff(connection, schema: str):
+    connection.dialect.default_schema_name = schema
+    context = MigrationContext.configure(
+        connection,
+        opts={
+            "include_object": lambda obj, name, type_, reflected, compare_to: (
+                not (
+                    type_ == "table" and name in ("alembic_version", "devices", "device_positions")
+                )
+            )
+        },
+    )
+    return compare_metadata(context, metadata)
+
+
+async def test_migrations_match_the_schema_module(database, schema_name):
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name)
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(_diff, schema_name)
+        assert diff == []
+    finally:
+        await engine.dispose()
+
+
+async def test_two_mirrors_share_a_database_in_separate_schemas(database, schema_name):
+    other = schema_name + "_b"
+    for schema in (schema_name, other):
+        engine = create_engine(database.url, schema)
+        try:
+            await migrate(engine, schema)
+        finally:
+            await engine.dispose()
+    engine = create_engine(database.url, schema_name)
+    try:
+        assert TABLES <= await relations(engine, other)
+        assert TABLES <= await relations(engine, schema_name)
+    finally:
+        await engine.dispose()
