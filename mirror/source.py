@@ -203,7 +203,7 @@ class MqttSource:
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
         broker = s.broker
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry
         props.ReceiveMaximum = min(s.max_unacked, 65535)
         token = s.token.reveal() or None
@@ -226,8 +226,8 @@ class MqttSource:
         paho = client._client
         paho.manual_ack_set(True)
         paho.on_message = self._on_message
-        aiomqtt_on_connect = paho.on_connect
-        aiomqtt_on_socket_open = paho.on_socket_open
+        aiomqtt_on_connect: Any = paho.on_connect
+        aiomqtt_on_socket_open: Any = paho.on_socket_open
 
         def on_connect(
             c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None
@@ -275,8 +275,9 @@ class MqttSource:
             subscribing = asyncio.create_task(self._subscribe(client))
             disconnected: asyncio.Future[None] = client._disconnected
             closing = asyncio.create_task(self._closing.wait())
+            waiting: set[asyncio.Future[Any]] = {disconnected, closing}
             try:
-                await asyncio.wait({disconnected, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 closing.cancel()
                 subscribing.cancel()
@@ -360,7 +361,7 @@ class MqttSource:
         try:
             while True:
                 paho.loop_read()
-                sock = paho._sock
+                sock: Any = paho._sock
                 if self._paused or not (hasattr(sock, "pending") and sock.pending() > 0):
                     break
         except Exception as exc:

@@ -27,19 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mirror.batch import DeadLetter, WritePlan
 from mirror.topics import (
-    ChannelMessage,
-    DeviceMessage,
     Inbound,
-    IntervalEvent,
-    ModemMessage,
     ObjectPropertyUpdate,
     ObjectUpdate,
-    PluginConfigUpdate,
     Reason,
     Record,
     Rejection,
-    SettingUpdate,
-    TelemetryUpdate,
 )
 
 log = logging.getLogger(__name__)
@@ -464,7 +457,9 @@ def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]
                 ),
             )
         )
-    touched = sorted({_object_key(r) for r in (*plan.objects, *plan.object_properties)})
+    touched = sorted(
+        {_object_key(r) for r in plan.objects} | {_object_key(r) for r in plan.object_properties}
+    )
     if touched:
         ops.append(
             (
@@ -631,7 +626,7 @@ class Store:
         result = WriteResult()
         refused: list[DeadLetter] = []
         async with self.engine.begin() as conn:
-            for record in _records(plan):
+            for record in plan.records():
                 single = _single_plan(record)
                 try:
                     async with conn.begin_nested():
@@ -649,34 +644,9 @@ class Store:
         return result
 
 
-def _records(plan: WritePlan) -> list[Record]:
-    return [
-        *plan.telemetry,
-        *plan.settings,
-        *plan.plugin_configs,
-        *plan.objects,
-        *plan.object_properties,
-        *plan.intervals,
-        *plan.device_messages,
-        *plan.channel_messages,
-        *plan.modem_messages,
-    ]
-
-
 def _single_plan(record: Record) -> WritePlan:
     plan = WritePlan()
-    target = {
-        TelemetryUpdate: plan.telemetry,
-        SettingUpdate: plan.settings,
-        PluginConfigUpdate: plan.plugin_configs,
-        ObjectUpdate: plan.objects,
-        ObjectPropertyUpdate: plan.object_properties,
-        IntervalEvent: plan.intervals,
-        DeviceMessage: plan.device_messages,
-        ChannelMessage: plan.channel_messages,
-        ModemMessage: plan.modem_messages,
-    }[type(record)]
-    target.append(record)  # type: ignore[arg-type]
+    plan.add(record)
     return plan
 
 
