@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from mirror.config import DEFAULT_SCHEMA, SCHEMA_NAME, sqlalchemy_url
-from mirror.schema import metadata
+from mirror.schema import include_in_autogenerate, metadata
 
 config = context.config
 schema: str = (
@@ -28,17 +28,6 @@ if not SCHEMA_NAME.match(schema):
     raise ValueError(f"invalid schema name {schema!r}")
 
 
-NOT_IN_METADATA = {"devices", "device_positions", "alembic_version"}
-
-
-def include_object(
-    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
-) -> bool:
-    # Views are created with SQL in the migrations, and the version table is alembic's own:
-    # autogenerate must not try to drop them.
-    return not (type_ == "table" and name in NOT_IN_METADATA)
-
-
 def run_with(connection: Connection) -> None:
     connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     connection.execute(text(f'SET search_path TO "{schema}"'))
@@ -48,7 +37,7 @@ def run_with(connection: Connection) -> None:
         connection=connection,
         target_metadata=metadata,
         version_table_schema=schema,
-        include_object=include_object,
+        include_object=include_in_autogenerate,
         transaction_per_migration=True,
     )
     with context.begin_transaction():

@@ -188,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Do not run migrations on start (run 'flespi-mirror migrate' separately).",
     )
     run.add_argument(
+        "--retention-days",
+        type=int,
+        default=int(_env("MIRROR_RETENTION_DAYS", 0)),
+        help="Drop history (messages) older than this many days, a day partition at a time. "
+        "Default 0: keep forever. Env MIRROR_RETENTION_DAYS.",
+    )
+    run.add_argument(
+        "--share-group",
+        default=_env("MIRROR_SHARE_GROUP"),
+        help="Subscribe as a member of this MQTT 5 shared subscription group ($share/NAME/...; "
+        "flespi's sticky NAME:COUNT passes through). Env MIRROR_SHARE_GROUP.",
+    )
+    run.add_argument(
         "--resync",
         action="store_true",
         help="Ask the broker for every retained message again on this start (a full snapshot).",
@@ -231,6 +244,8 @@ def settings_from(args: argparse.Namespace, database_url: str) -> Settings:
         flush_interval=args.flush_interval,
         max_payload_bytes=args.max_payload_bytes,
         migrate=not args.no_migrate,
+        retention_days=args.retention_days,
+        share_group=args.share_group or None,
     )
 
 

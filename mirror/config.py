@@ -19,6 +19,7 @@ DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
 DEFAULT_SCHEMA = "flespi"
 FLESPI_HOST_SUFFIX = "flespi.io"
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+SHARE_GROUP = re.compile(r"^[A-Za-z0-9_-]+(:[0-9]+){0,2}$")
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,11 @@ class Settings:
     migrate: bool = True
     data_dir: str | None = None
     shutdown_timeout: float = 15.0
+    retention_days: int = 0
+    partition_days_ahead: int = 7
+    maintenance_interval: float = 3600.0
+    share_group: str | None = None
+    snapshot_quiet: float = 2.0
 
     def __post_init__(self) -> None:
         if not SCHEMA_NAME.match(self.schema):
@@ -113,8 +119,29 @@ class Settings:
         for name in ("batch_size", "max_unacked", "max_payload_bytes", "keepalive"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.retention_days < 0:
+            raise ConfigError("--retention-days must be 0 (keep forever) or positive")
+        if self.share_group is not None and not SHARE_GROUP.match(self.share_group):
+            raise ConfigError(
+                f"--share-group {self.share_group!r}: a name, optionally with flespi's sticky "
+                "suffix :COUNT or :FROM:COUNT (letters, digits, '_' and '-')"
+            )
         if self.batch_size > self.max_unacked:
             raise ConfigError("--batch-size cannot exceed --max-unacked")
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """The filters as subscribed: in a shared subscription group when one is set."""
+        if not self.share_group:
+            return self.topics
+        return tuple(f"$share/{self.share_group}/{topic}" for topic in self.topics)
+
+    @property
+    def snapshot_topics(self) -> tuple[str, ...]:
+        """Filters that can carry retained state (what a snapshot must subscribe to)."""
+        return tuple(
+            t for t in self.topics if not t.startswith(("flespi/message/", "flespi/interval/"))
+        )
 
     @property
     def broker(self) -> BrokerAddress:

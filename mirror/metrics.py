@@ -107,6 +107,11 @@ LAST_COMMIT = Gauge(
     "Unix time of the last committed batch.",
     registry=REGISTRY,
 )
+MAINTENANCE_ERRORS = Counter(
+    f"{PREFIX}_partition_maintenance_errors_total",
+    "Failed runs of history partition maintenance (retried every maintenance interval).",
+    registry=REGISTRY,
+)
 DATABASE_ERRORS = Counter(
     f"{PREFIX}_database_errors_total",
     "Failed batch writes: unavailable = retried later; refused = rows isolated to dead letters.",

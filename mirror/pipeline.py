@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics
+from mirror import metrics, partitions
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
@@ -98,14 +98,36 @@ class Mirror:
         await self.prepare_database()
         if self._stopping.is_set():
             return
+        await self.maintain_partitions()
         session = asyncio.create_task(self.source.run(), name="mqtt-session")
+        upkeep = asyncio.create_task(self._maintenance_loop(), name="partition-maintenance")
         try:
             await self._consume()
         finally:
+            upkeep.cancel()
             self.source.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await session
+                await upkeep
             self.health.update(mqtt_connected=False)
+
+    async def maintain_partitions(self) -> None:
+        """Day partitions ahead, retention behind. A failure is logged and retried later: the
+        default partition takes the rows meanwhile, so nothing is lost."""
+        try:
+            await partitions.maintain(
+                self.engine,
+                days_ahead=self.settings.partition_days_ahead,
+                retention_days=self.settings.retention_days,
+            )
+        except Exception as exc:
+            metrics.MAINTENANCE_ERRORS.inc()
+            log.warning("partition maintenance failed (will retry): %s", exc)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval)
+            await self.maintain_partitions()
 
     async def _consume(self) -> None:
         s = self.settings

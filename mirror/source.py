@@ -297,7 +297,7 @@ class MqttSource:
         retain_handling = 0 if self._resync else 1
         topics = [
             (topic, SubscribeOptions(qos=qos, retainHandling=retain_handling))
-            for topic in self.settings.topics
+            for topic in self.settings.subscriptions
         ]
         codes = await client.subscribe(topics, timeout=None)
         failed = [
@@ -310,7 +310,7 @@ class MqttSource:
         else:
             self._resync = False
             self.subscribed = True
-            log.info("subscribed to %s", ", ".join(self.settings.topics))
+            log.info("subscribed to %s", ", ".join(self.settings.subscriptions))
 
     # -- intake (runs inside paho's read callback, on the event loop thread) ------------------
 

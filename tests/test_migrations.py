@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from mirror.database import create_engine, downgrade, migrate
-from mirror.schema import metadata
+from mirror.schema import include_in_autogenerate, metadata
 from tests.helpers import query
 
 TABLES = {
@@ -52,13 +52,7 @@ def _diff(connection, schema: str):
     connection.dialect.default_schema_name = schema
     context = MigrationContext.configure(
         connection,
-        opts={
-            "include_object": lambda obj, name, type_, reflected, compare_to: (
-                not (
-                    type_ == "table" and name in ("alembic_version", "devices", "device_positions")
-                )
-            )
-        },
+        opts={"include_object": include_in_autogenerate},
     )
     return compare_metadata(context, metadata)
 

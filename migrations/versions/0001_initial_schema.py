@@ -168,6 +168,7 @@ def upgrade() -> None:
         sa.Column("received_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("channel_id", "ident", "ts", "digest"),
         comment="Every message seen by a channel, each stored once.",
+        postgresql_partition_by="RANGE (ts)",
     )
     op.create_index("channel_messages_ts_idx", "channel_messages", ["ts"], unique=False)
     op.create_table(
@@ -221,6 +222,7 @@ def upgrade() -> None:
         sa.Column("received_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("device_id", "ts", "digest"),
         comment="Every device message, each stored once.",
+        postgresql_partition_by="RANGE (ts)",
     )
     op.create_index("device_messages_ts_idx", "device_messages", ["ts"], unique=False)
     op.create_table(
@@ -301,6 +303,7 @@ def upgrade() -> None:
         sa.Column("received_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("modem_id", "phone", "ts", "digest"),
         comment="SMS received by modems, each stored once.",
+        postgresql_partition_by="RANGE (ts)",
     )
     op.create_table(
         "object_properties",
@@ -456,6 +459,18 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("device_id", "name"),
         comment="Deletions of telemetry rows, so older updates cannot resurrect them.",
     )
+    op.create_table(
+        "sync_state",
+        sa.Column("name", sa.Text(), nullable=False, comment="e.g. snapshot:<share group>"),
+        sa.Column("value", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("updated_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+        comment="The mirror's own bookkeeping (completed retained-state snapshots).",
+    )
+    # History tables are partitioned by day; the daemon creates day partitions ahead, and the
+    # default partition takes whatever falls outside them (see mirror/partitions.py).
+    for table in ("device_messages", "channel_messages", "modem_messages"):
+        op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
     for statement in FUNCTIONS + VIEWS:
         op.execute(statement)
 
@@ -467,6 +482,7 @@ def downgrade() -> None:
         op.execute(f"DROP FUNCTION IF EXISTS {name}")
     op.drop_table("telemetry_tombstones")
     op.drop_index("telemetry_name_idx", table_name="telemetry")
+    op.drop_table("sync_state")
     op.drop_table("telemetry")
     op.drop_table("plugin_device_configs_tombstones")
     op.drop_table("plugin_device_configs")

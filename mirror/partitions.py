@@ -1,0 +1,139 @@
+"""Day partitions of the history tables, made ahead of time, and retention by dropping them.
+
+``device_messages``, ``channel_messages`` and ``modem_messages`` are partitioned by range of
+``ts`` (PostgreSQL declarative partitioning, created by the migration with a DEFAULT partition).
+The daemon keeps one partition per UTC day from yesterday to ``days_ahead`` days ahead, so a
+query over a time range touches only its days and a day of history is dropped in one statement.
+Rows outside the prepared days (a device replaying last month's buffer, a clock in the future)
+land in the default partition; when their day's partition is made later they are moved into it.
+
+Partition names and bounds are derived from dates computed here, never from message content.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from mirror.schema import HISTORY_TABLES
+
+log = logging.getLogger(__name__)
+
+DAY = dt.timedelta(days=1)
+_DAY_SUFFIX = re.compile(r"_p(\d{8})$")
+# One maintainer at a time, across every process and replica sharing the database.
+_LOCK_KEY = "flespi-mirror:partitions"
+
+
+@dataclass
+class PartitionReport:
+    created: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    moved_rows: int = 0
+    expired_default_rows: int = 0
+
+
+def partition_name(table: str, day: dt.date) -> str:
+    return f"{table}_p{day:%Y%m%d}"
+
+
+def _bound(day: dt.date) -> str:
+    return f"{day.isoformat()} 00:00:00+00"
+
+
+async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, str]:
+    rows = await conn.execute(
+        text(
+            """
+            SELECT c.relname FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid
+            JOIN pg_class p ON p.oid = i.inhparent
+            JOIN pg_namespace n ON n.oid = p.relnamespace
+            WHERE p.relname = :table AND n.nspname = current_schema()
+            """
+        ),
+        {"table": table},
+    )
+    days = {}
+    for (name,) in rows:
+        match = _DAY_SUFFIX.search(name)
+        if match:
+            days[dt.datetime.strptime(match.group(1), "%Y%m%d").date()] = name
+    return days
+
+
+async def _create_day(conn: AsyncConnection, table: str, day: dt.date) -> int:
+    """Create the day's partition, moving its rows out of the default partition first."""
+    lo, hi = _bound(day), _bound(day + DAY)
+    params = {"lo": dt.datetime.fromisoformat(lo), "hi": dt.datetime.fromisoformat(hi)}
+    await conn.execute(
+        text(
+            f"CREATE TEMP TABLE moving ON COMMIT DROP AS "
+            f"SELECT * FROM {table}_default WHERE ts >= :lo AND ts < :hi"
+        ),
+        params,
+    )
+    moved = (
+        await conn.execute(
+            text(f"DELETE FROM {table}_default WHERE ts >= :lo AND ts < :hi"), params
+        )
+    ).rowcount
+    await conn.execute(
+        text(
+            f"CREATE TABLE {partition_name(table, day)} PARTITION OF {table} "
+            f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
+        )
+    )
+    if moved:
+        await conn.execute(text(f"INSERT INTO {table} SELECT * FROM moving"))
+    await conn.execute(text("DROP TABLE moving"))
+    return max(moved, 0)
+
+
+async def maintain(
+    engine: AsyncEngine,
+    *,
+    today: dt.date | None = None,
+    days_ahead: int = 7,
+    retention_days: int = 0,
+) -> PartitionReport:
+    """Make sure day partitions exist from yesterday to ``days_ahead``; drop expired ones.
+
+    ``retention_days`` 0 keeps history forever; N drops every day that ended more than N days
+    ago, and deletes rows that old from the default partition.
+    """
+    today = today or dt.datetime.now(dt.UTC).date()
+    report = PartitionReport()
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": _LOCK_KEY})
+        for table in (t.name for t in HISTORY_TABLES):
+            existing = await _existing_days(conn, table)
+            for offset in range(-1, days_ahead + 1):
+                day = today + offset * DAY
+                if day not in existing:
+                    report.moved_rows += await _create_day(conn, table, day)
+                    report.created.append(partition_name(table, day))
+            if retention_days > 0:
+                cutoff = today - retention_days * DAY  # days ending on or before this are gone
+                for day, name in sorted(existing.items()):
+                    if day + DAY <= cutoff:
+                        await conn.execute(text(f"DROP TABLE {name}"))
+                        report.dropped.append(name)
+                expired = await conn.execute(
+                    text(f"DELETE FROM {table}_default WHERE ts < :cutoff"),
+                    {"cutoff": dt.datetime.fromisoformat(_bound(cutoff))},
+                )
+                report.expired_default_rows += max(expired.rowcount, 0)
+    if report.created or report.dropped:
+        log.info(
+            "partitions: created %d, dropped %d (%d rows moved out of default)",
+            len(report.created),
+            len(report.dropped),
+            report.moved_rows,
+        )
+    return report

@@ -1,0 +1,92 @@
+"""History tables are partitioned by day; partitions are made ahead and dropped by retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from mirror.batch import coalesce
+from mirror.database import create_engine, migrate
+from mirror.partitions import maintain
+from mirror.store import Store
+from mirror.topics import Inbound, decode
+from tests.helpers import query
+
+DAY = dt.timedelta(days=1)
+TODAY = dt.date(2026, 3, 10)
+
+
+def epoch(day: dt.date, hour: int = 12) -> float:
+    return dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.UTC).timestamp()
+
+
+async def write_messages(store: Store, *days: dt.date) -> None:
+    messages = [
+        Inbound(
+            f"flespi/message/gw/devices/{i}",
+            f'{{"timestamp": {epoch(day)}, "n": {i}}}'.encode(),
+            {},
+            epoch(day),
+        )
+        for i, day in enumerate(days)
+    ]
+    await store.write(coalesce((m, decode(m)) for m in messages))
+
+
+async def homes(engine) -> list[tuple[str, int]]:
+    rows = await query(
+        engine,
+        "SELECT tableoid::regclass::text, count(*) FROM device_messages GROUP BY 1 ORDER BY 1",
+    )
+    return [(name.split(".")[-1], n) for name, n in rows]
+
+
+@pytest.fixture
+async def engine(database, schema_name):
+    engine = create_engine(database.url, schema_name)
+    await migrate(engine, schema_name)
+    yield engine
+    await engine.dispose()
+
+
+async def test_partitions_exist_from_yesterday_to_a_week_ahead(engine):
+    report = await maintain(engine, today=TODAY, days_ahead=7)
+    assert len(report.created) == 3 * 9
+    await write_messages(Store(engine), TODAY, TODAY + 7 * DAY, TODAY - 1 * DAY)
+    assert await homes(engine) == [
+        ("device_messages_p20260309", 1),
+        ("device_messages_p20260310", 1),
+        ("device_messages_p20260317", 1),
+    ]
+    again = await maintain(engine, today=TODAY, days_ahead=7)
+    assert again.created == []
+
+
+async def test_rows_outside_the_prepared_days_wait_in_default_then_move(engine):
+    await maintain(engine, today=TODAY, days_ahead=2)
+    await write_messages(Store(engine), TODAY + 5 * DAY, TODAY - 30 * DAY)
+    assert await homes(engine) == [("device_messages_default", 2)]
+    report = await maintain(engine, today=TODAY + 4 * DAY, days_ahead=2)
+    assert report.moved_rows == 1
+    assert await homes(engine) == [("device_messages_default", 1), ("device_messages_p20260315", 1)]
+
+
+async def test_retention_drops_whole_days_and_old_default_rows(engine):
+    await maintain(engine, today=TODAY, days_ahead=3)
+    await write_messages(Store(engine), TODAY - 1 * DAY, TODAY, TODAY + 2 * DAY, TODAY - 60 * DAY)
+    report = await maintain(engine, today=TODAY + 3 * DAY, days_ahead=3, retention_days=3)
+    # Kept: days ending after TODAY (3 days before "now"); TODAY-1 ended at TODAY 00:00: dropped.
+    assert "device_messages_p20260309" in report.dropped
+    assert "device_messages_p20260310" not in report.dropped
+    assert report.expired_default_rows == 1
+    assert await homes(engine) == [
+        ("device_messages_p20260310", 1),
+        ("device_messages_p20260312", 1),
+    ]
+
+
+async def test_without_retention_nothing_is_dropped(engine):
+    await maintain(engine, today=TODAY, days_ahead=1)
+    report = await maintain(engine, today=TODAY + 100 * DAY, days_ahead=1, retention_days=0)
+    assert report.dropped == []
