@@ -21,6 +21,7 @@ from mirror import metrics, partitions
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
+from mirror.snapshot import SnapshotCoordinator
 from mirror.source import MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult
 from mirror.topics import Rejection, decode
@@ -54,6 +55,8 @@ class Mirror:
             on_reconnect=metrics.RECONNECTS.inc,
             resync=resync,
         )
+        self._resync = resync
+        self.snapshot: SnapshotCoordinator | None = None
         self._stopping = asyncio.Event()
         self._deadline: float | None = None
         self.committed_messages = 0
@@ -100,16 +103,31 @@ class Mirror:
             return
         await self.maintain_partitions()
         session = asyncio.create_task(self.source.run(), name="mqtt-session")
-        upkeep = asyncio.create_task(self._maintenance_loop(), name="partition-maintenance")
+        helpers = [asyncio.create_task(self._maintenance_loop(), name="partition-maintenance")]
+        if self.settings.share_group:
+            helpers.append(asyncio.create_task(self._snapshot(), name="retained-snapshot"))
         try:
             await self._consume()
         finally:
-            upkeep.cancel()
+            for task in helpers:
+                task.cancel()
             self.source.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await session
-                await upkeep
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.health.update(mqtt_connected=False)
+
+    async def _snapshot(self) -> None:
+        """Shared subscriptions get no retained messages: see snapshot.py."""
+        while self.source.session_present is None and not self._stopping.is_set():
+            await asyncio.sleep(0.05)
+        # A new broker session (first start, or the old one expired) or --resync: the state may
+        # have changed unseen, so only a snapshot taken from now on counts.
+        force = self._resync or not self.source.session_present
+        self.snapshot = SnapshotCoordinator(self.settings, self.engine, self.commit, force=force)
+        await self.snapshot.run(self._stopping)
 
     async def maintain_partitions(self) -> None:
         """Day partitions ahead, retention behind. A failure is logged and retried later: the
@@ -145,13 +163,17 @@ class Mirror:
                 )
                 return
 
-    async def commit(self, batch: Sequence[Received]) -> WriteResult:
-        """Decode, coalesce, write (retrying while the database is away), then acknowledge."""
+    async def commit(
+        self, batch: Sequence[Received], source: MqttSource | None = None
+    ) -> WriteResult:
+        """Decode, coalesce, write (retrying while the database is away), then acknowledge
+        through the session the batch came from."""
+        source = source or self.source
         max_payload = self.settings.max_payload_bytes
         decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in batch]
         plan = coalesce(decoded)
         result = await self._write_until_done(plan)
-        acked = self.source.ack(list(batch))
+        acked = source.ack(list(batch))
         now = time.time()
         self._observe(batch, decoded, plan, result, now)
         self.committed_messages += len(batch)

@@ -70,8 +70,15 @@ class MqttSource:
         on_connection_change: Callable[[bool], None] | None = None,
         on_reconnect: Callable[[], None] | None = None,
         resync: bool = False,
+        snapshot: bool = False,
     ) -> None:
         self.settings = settings
+        # A snapshot session is throwaway: clean start, no expiry, QoS 0, every retained message
+        # on subscribe, and only retained messages kept (live ones arrive on the main session).
+        self.snapshot = snapshot
+        self.subscribed_at: float | None = None
+        self.last_retained_at: float | None = None
+        self.retained_received = 0
         self.epoch = 0
         self.connected = False
         self.subscribed = False
@@ -196,6 +203,11 @@ class MqttSource:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
 
+    @property
+    def client_id(self) -> str:
+        base = self.settings.effective_client_id()
+        return f"{base}-snapshot" if self.snapshot else base
+
     def _where(self) -> str:
         broker = self.settings.broker
         return f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}"
@@ -204,7 +216,7 @@ class MqttSource:
         s = self.settings
         broker = s.broker
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = s.session_expiry
+        props.SessionExpiryInterval = 0 if self.snapshot else s.session_expiry
         props.ReceiveMaximum = min(s.max_unacked, 65535)
         token = s.token.reveal() or None
         tls_context = None
@@ -215,9 +227,9 @@ class MqttSource:
             port=broker.port,
             username=None if s.token_in_password else token,
             password=token if s.token_in_password else None,
-            identifier=s.effective_client_id(),
+            identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            clean_start=self.snapshot,
             properties=props,
             keepalive=s.keepalive,
             tls_context=tls_context,
@@ -266,7 +278,7 @@ class MqttSource:
             log.info(
                 "connected to %s as %s (session present: %s%s)",
                 self._where(),
-                self.settings.effective_client_id(),
+                self.client_id,
                 self.session_present,
                 f", account {self.account_id}" if self.account_id else "",
             )
@@ -291,13 +303,13 @@ class MqttSource:
             # the broker keeps queueing for us until we return.
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        qos = min(1, getattr(self, "_max_qos", 1))
+        qos = 0 if self.snapshot else min(1, getattr(self, "_max_qos", 1))
         # retainHandling=1: retained messages only for a subscription the session lacks, so a
         # reconnect to a persistent session does not replay the whole retained state.
-        retain_handling = 0 if self._resync else 1
+        retain_handling = 0 if (self._resync or self.snapshot) else 1
+        filters = self.settings.snapshot_topics if self.snapshot else self.settings.subscriptions
         topics = [
-            (topic, SubscribeOptions(qos=qos, retainHandling=retain_handling))
-            for topic in self.settings.subscriptions
+            (topic, SubscribeOptions(qos=qos, retainHandling=retain_handling)) for topic in filters
         ]
         codes = await client.subscribe(topics, timeout=None)
         failed = [
@@ -310,11 +322,17 @@ class MqttSource:
         else:
             self._resync = False
             self.subscribed = True
-            log.info("subscribed to %s", ", ".join(self.settings.subscriptions))
+            self.subscribed_at = time.monotonic()
+            log.info("subscribed to %s", ", ".join(topic for topic, _ in topics))
 
     # -- intake (runs inside paho's read callback, on the event loop thread) ------------------
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        if self.snapshot:
+            if not message.retain:
+                return  # live traffic: the main session delivers it
+            self.last_retained_at = time.monotonic()
+            self.retained_received += 1
         try:
             topic = message._topic.decode("utf-8", errors="replace")
             props = getattr(message, "properties", None)
