@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         "flespi's sticky NAME:COUNT passes through). Env MIRROR_SHARE_GROUP.",
     )
     run.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("MIRROR_WORKERS", 1)),
+        help="Worker processes, members of one shared subscription group (--share-group, "
+        "default derived from the client id); one /metrics for all. Env MIRROR_WORKERS.",
+    )
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument(
         "--resync",
         action="store_true",
         help="Ask the broker for every retained message again on this start (a full snapshot).",
@@ -269,21 +277,58 @@ def resolve_database(args: argparse.Namespace) -> tuple[str, Any]:
     return url, embedded
 
 
-async def _run(settings: Settings, database_url: str, resync: bool) -> int:
+async def _supervise(settings: Settings, database_url: str, workers: int) -> int:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from mirror.database import create_engine, migrate
+    from mirror.metrics import MetricsServer
+    from mirror.workers import Supervisor, multiprocess_dir, remove_multiprocess_dir
+
+    if settings.migrate:
+        engine = create_engine(database_url, settings.schema)
+        try:
+            await migrate(engine, settings.schema)
+        finally:
+            await engine.dispose()
+    metrics_dir = multiprocess_dir()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    supervisor = Supervisor(settings, workers, metrics_dir=metrics_dir)
+    server = MetricsServer(
+        settings.metrics_host, settings.metrics_port, supervisor, registry=registry
+    ).start()
+    log.info(
+        "flespi-mirror %s: %d workers in share group %s; metrics on http://%s:%d/metrics",
+        __version__,
+        workers,
+        settings.share_group or settings.effective_client_id(),
+        settings.metrics_host,
+        server.port,
+    )
+    try:
+        return await supervisor.run()
+    finally:
+        server.stop()
+        remove_multiprocess_dir(metrics_dir)
+
+
+async def _run(settings: Settings, database_url: str, resync: bool, worker: bool = False) -> int:
     from mirror.database import create_engine
     from mirror.metrics import Health, MetricsServer
     from mirror.pipeline import Mirror
 
     health = Health()
-    server = MetricsServer(settings.metrics_host, settings.metrics_port, health).start()
+    server = None
+    if not worker:  # a worker's metrics reach the supervisor's listener through files
+        server = MetricsServer(settings.metrics_host, settings.metrics_port, health).start()
     log.info(
-        "flespi-mirror %s: %s -> %s (schema %s); metrics on http://%s:%d/metrics",
+        "flespi-mirror %s: %s -> %s (schema %s)%s",
         __version__,
         settings.mqtt_url,
         redact_url(database_url),
         settings.schema,
-        settings.metrics_host,
-        server.port,
+        f"; metrics on http://{settings.metrics_host}:{server.port}/metrics" if server else "",
     )
     engine = create_engine(database_url, settings.schema)
     mirror = Mirror(settings, engine, health=health, resync=resync)
@@ -294,7 +339,8 @@ async def _run(settings: Settings, database_url: str, resync: bool) -> int:
         await mirror.run()
     finally:
         await engine.dispose()
-        server.stop()
+        if server is not None:
+            server.stop()
     log.info("stopped after committing %d messages", mirror.committed_messages)
     return 0
 
@@ -338,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         url, embedded = resolve_database(args)
         try:
             settings = settings_from(args, url)
-            return asyncio.run(_run(settings, url, args.resync))
+            if args.workers > 1:
+                return asyncio.run(_supervise(settings, url, args.workers))
+            return asyncio.run(_run(settings, url, args.resync, worker=args.worker))
         finally:
             if embedded is not None:
                 embedded.stop()

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
@@ -20,7 +20,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     PlatformCollector,
     ProcessCollector,
     make_wsgi_app,
@@ -36,8 +35,16 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 
-BUILD_INFO = Info(f"{PREFIX}_build", "Version of the running mirror.", registry=REGISTRY)
-BUILD_INFO.info({"version": __version__})
+# Gauges say how to combine values across worker processes (--workers, prometheus-client's
+# multiprocess mode); in a single process the mode changes nothing.
+BUILD_INFO = Gauge(
+    f"{PREFIX}_build_info",
+    "Version of the running mirror (always 1).",
+    ["version"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(__version__).set(1)
 
 MESSAGES_RECEIVED = Counter(
     f"{PREFIX}_messages_received_total",
@@ -86,6 +93,7 @@ UNACKED = Gauge(
     f"{PREFIX}_unacked_messages",
     "Messages received from the broker and not yet acknowledged.",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 RECONNECTS = Counter(
     f"{PREFIX}_reconnects_total",
@@ -94,18 +102,21 @@ RECONNECTS = Counter(
 )
 MQTT_CONNECTED = Gauge(
     f"{PREFIX}_mqtt_connected",
-    "1 while the MQTT session is connected.",
+    "1 while the MQTT session is connected (with workers: all of them).",
     registry=REGISTRY,
+    multiprocess_mode="livemin",
 )
 READY = Gauge(
     f"{PREFIX}_ready",
     "1 while the broker session is up and the database is writable (as /readyz).",
     registry=REGISTRY,
+    multiprocess_mode="livemin",
 )
 LAST_COMMIT = Gauge(
     f"{PREFIX}_last_commit_timestamp_seconds",
     "Unix time of the last committed batch.",
     registry=REGISTRY,
+    multiprocess_mode="max",
 )
 MAINTENANCE_ERRORS = Counter(
     f"{PREFIX}_partition_maintenance_errors_total",
@@ -134,6 +145,14 @@ class Health:
     def ready(self) -> bool:
         return self.mqtt_connected and self.database_ok and not self.stopping
 
+    def not_ready_reasons(self) -> list[str]:
+        checks = (
+            ("mqtt disconnected", self.mqtt_connected),
+            ("database unavailable", self.database_ok),
+            ("stopping", not self.stopping),
+        )
+        return [name for name, ok in checks if not ok]
+
     def update(self, **changes: bool) -> None:
         for name, value in changes.items():
             setattr(self, name, value)
@@ -146,8 +165,17 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def health_app(health: Health) -> Callable[..., Iterable[bytes]]:
-    metrics_app = make_wsgi_app(REGISTRY)
+class Readiness(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    def not_ready_reasons(self) -> list[str]: ...
+
+
+def health_app(
+    health: Readiness, registry: CollectorRegistry = REGISTRY
+) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -160,15 +188,7 @@ def health_app(health: Health) -> Callable[..., Iterable[bytes]]:
             if health.ready:
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
-            reasons = [
-                name
-                for name, ok in (
-                    ("mqtt disconnected", health.mqtt_connected),
-                    ("database unavailable", health.database_ok),
-                    ("stopping", not health.stopping),
-                )
-                if not ok
-            ]
+            reasons = health.not_ready_reasons()
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [("not ready: " + ", ".join(reasons) + "\n").encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -180,9 +200,15 @@ def health_app(health: Health) -> Callable[..., Iterable[bytes]]:
 class MetricsServer:
     """The HTTP listener, in a daemon thread so a busy event loop never delays a scrape."""
 
-    def __init__(self, host: str, port: int, health: Health) -> None:
+    def __init__(
+        self, host: str, port: int, health: Readiness, registry: CollectorRegistry = REGISTRY
+    ) -> None:
         self._server = make_server(
-            host, port, health_app(health), ThreadingWSGIServer, handler_class=_QuietHandler
+            host,
+            port,
+            health_app(health, registry),
+            ThreadingWSGIServer,
+            handler_class=_QuietHandler,
         )
         self.port = int(self._server.server_port)
         self._thread = threading.Thread(
