@@ -186,6 +186,8 @@ class MqttSource:
                 log.warning("MQTT session to %s ended: %s", self._where(), exc)
             except OSError as exc:
                 log.warning("MQTT connection to %s failed: %s", self._where(), exc)
+            except Exception:  # anything else still ends in a reconnect, never a dead session
+                log.exception("MQTT session to %s failed unexpectedly", self._where())
             finally:
                 if self.connected:
                     self.connected = False
