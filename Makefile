@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test venv mosquitto lint bench clean
+.PHONY: run test venv mosquitto promtool lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ run: $(STAMP)
 mosquitto:
 	@bash scripts/ensure-mosquitto.sh
 
-test: $(STAMP) mosquitto
+# Alert rules, dashboards and the metrics endpoint are checked with Prometheus's promtool.
+promtool:
+	@bash scripts/ensure-promtool.sh
+
+test: $(STAMP) mosquitto promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

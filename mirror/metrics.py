@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mirror import __version__
+from mirror.topics import Reason
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,13 @@ RECONNECTS = Counter(
     "MQTT reconnect attempts after a lost or failed connection.",
     registry=REGISTRY,
 )
+MQTT_SESSION_PRESENT = Gauge(
+    f"{PREFIX}_mqtt_session_present",
+    "1 when the broker resumed the persistent session on the last connect (0: a new session, "
+    "retained state replayed).",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
 MQTT_CONNECTED = Gauge(
     f"{PREFIX}_mqtt_connected",
     "1 while the MQTT session is connected (with workers: all of them).",
@@ -129,6 +137,13 @@ DATABASE_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+
+
+# Labelled series start at 0, so rate() and increase() see the first event too.
+for _reason in Reason:
+    DEAD_LETTERS.labels(str(_reason))
+for _kind in ("unavailable", "refused"):
+    DATABASE_ERRORS.labels(_kind)
 
 
 @dataclass

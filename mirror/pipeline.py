@@ -24,7 +24,7 @@ from mirror.database import migrate
 from mirror.snapshot import SnapshotCoordinator
 from mirror.source import MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult
-from mirror.topics import Rejection, decode
+from mirror.topics import Reason, Rejection, decode
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Mirror:
         self.health = health or metrics.Health()
         self.source = MqttSource(
             settings,
-            on_connection_change=lambda up: self.health.update(mqtt_connected=up),
+            on_connection_change=self._connection_changed,
             on_reconnect=metrics.RECONNECTS.inc,
             resync=resync,
         )
@@ -61,6 +61,11 @@ class Mirror:
         self._deadline: float | None = None
         self.committed_messages = 0
         self.committed_batches = 0
+
+    def _connection_changed(self, up: bool) -> None:
+        self.health.update(mqtt_connected=up)
+        if up:
+            metrics.MQTT_SESSION_PRESENT.set(1 if self.source.session_present else 0)
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain what is in hand, then disconnect."""
@@ -236,6 +241,8 @@ class Mirror:
                 metrics.ROWS_WRITTEN.labels(table, operation).inc(count)
         for reason, count in result.dead_letters.items():
             metrics.DEAD_LETTERS.labels(reason).inc(count)
+        if result.dead_letters.get(str(Reason.DATABASE_REJECTED)):
+            metrics.DATABASE_ERRORS.labels("refused").inc()
         if result.dead_letters:
             log.warning(
                 "dead-lettered %s",

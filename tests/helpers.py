@@ -228,3 +228,38 @@ def stop_process(
         proc.kill()
         proc.wait()
         raise
+
+
+def promtool(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run Prometheus's promtool; fail (not skip) with how to get it when it is missing."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail(
+            "promtool is missing: run `bash scripts/ensure-promtool.sh` (Debian package "
+            "'prometheus'), or `make test`, which does",
+            pytrace=False,
+        )
+    return subprocess.run(
+        [exe, *args], input=input, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT
+    )
+
+
+def registry_series_names() -> set[str]:
+    """Every series name a scrape can show, labelled metrics without a sample yet included."""
+    from mirror import metrics
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    return {
+        family.name + suffix
+        for family in metrics.REGISTRY.collect()
+        for suffix in suffixes[family.type]
+    }
