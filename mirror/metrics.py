@@ -96,6 +96,13 @@ UNACKED = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+OLDEST_UNACKED_AGE = Gauge(
+    f"{PREFIX}_oldest_unacked_age_seconds",
+    "Age of the oldest message received and not yet acknowledged (0 when none): shows a stalled "
+    "database while it happens, before the lag histogram can.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
 RECONNECTS = Counter(
     f"{PREFIX}_reconnects_total",
     "MQTT reconnect attempts after a lost or failed connection.",

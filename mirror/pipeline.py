@@ -61,6 +61,7 @@ class Mirror:
         self._deadline: float | None = None
         self.committed_messages = 0
         self.committed_batches = 0
+        self._in_hand_since: float | None = None  # receive time of the batch being written
 
     def _connection_changed(self, up: bool) -> None:
         self.health.update(mqtt_connected=up)
@@ -108,7 +109,10 @@ class Mirror:
             return
         await self.maintain_partitions()
         session = asyncio.create_task(self.source.run(), name="mqtt-session")
-        helpers = [asyncio.create_task(self._maintenance_loop(), name="partition-maintenance")]
+        helpers = [
+            asyncio.create_task(self._maintenance_loop(), name="partition-maintenance"),
+            asyncio.create_task(self._gauge_loop(), name="gauges"),
+        ]
         if self.settings.share_group:
             helpers.append(asyncio.create_task(self._snapshot(), name="retained-snapshot"))
         try:
@@ -147,6 +151,17 @@ class Mirror:
             metrics.MAINTENANCE_ERRORS.inc()
             log.warning("partition maintenance failed (will retry): %s", exc)
 
+    def update_gauges(self) -> None:
+        """Gauges of what is held now; refreshed on a timer so a stall shows while it lasts."""
+        metrics.UNACKED.set(self.source.unacked)
+        oldest = self._in_hand_since or self.source.oldest_buffered_at()
+        metrics.OLDEST_UNACKED_AGE.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+
+    async def _gauge_loop(self, interval: float = 0.5) -> None:
+        while True:
+            self.update_gauges()
+            await asyncio.sleep(interval)
+
     async def _maintenance_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.maintenance_interval)
@@ -177,7 +192,11 @@ class Mirror:
         max_payload = self.settings.max_payload_bytes
         decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in batch]
         plan = coalesce(decoded)
-        result = await self._write_until_done(plan)
+        self._in_hand_since = batch[0].inbound.received_at if batch else None
+        try:
+            result = await self._write_until_done(plan)
+        finally:
+            self._in_hand_since = None
         acked = source.ack(list(batch))
         now = time.time()
         self._observe(batch, decoded, plan, result, now)
@@ -223,7 +242,7 @@ class Mirror:
     ) -> None:
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.LAST_COMMIT.set(now)
-        metrics.UNACKED.set(self.source.unacked)
+        self.update_gauges()
         metrics.SUPERSEDED.inc(plan.superseded)
         families: dict[tuple[str, int], int] = {}
         for message, (_inbound, record) in zip(batch, decoded, strict=True):

@@ -111,6 +111,10 @@ class MqttSource:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def oldest_buffered_at(self) -> float | None:
+        """Receive time of the oldest message still waiting to be taken, if any."""
+        return self._buffer[0].inbound.received_at if self._buffer else None
+
     async def take(self, max_messages: int, max_wait: float) -> list[Received]:
         """Wait for the first message, then up to ``max_wait`` for a full batch."""
         while not self._buffer:

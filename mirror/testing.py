@@ -573,12 +573,13 @@ def publish_many(
     import threading
 
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=f"bulk-{uuid.uuid4().hex[:8]}",
         protocol=mqtt.MQTTv5,
     )
@@ -603,7 +604,7 @@ def publish_many(
         for topic, payload, props, retain in messages:
             if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"broker stopped acknowledging after {acked} publishes")
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if props:
                 properties.UserProperty = list(props.items())
             client.publish(topic, payload, qos=1, retain=retain, properties=properties)

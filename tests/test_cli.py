@@ -33,8 +33,12 @@ def test_json_log_format_writes_one_json_object_per_line(broker, database, schem
 
 
 def test_plain_token_to_flespi_is_refused_with_a_clear_error():
-    result = cli("run", "--mqtt-url", "mqtt://mqtt.flespi.io:1883", "--database-url",
-                 "postgresql://nobody@127.0.0.1:1/none", "--token", "secret-token-value")  # fmt: skip
+    result = cli(
+        "run",
+        "--mqtt-url", "mqtt://mqtt.flespi.io:1883",
+        "--database-url", "postgresql://nobody@127.0.0.1:1/none",
+        "--token", "secret-token-value",
+    )  # fmt: skip
     assert result.returncode == 2
     assert "refusing to send the flespi token in clear text" in result.stderr
     assert "secret-token-value" not in result.stderr + result.stdout
