@@ -4,13 +4,16 @@ Built on aiomqtt for the connection life cycle (TLS, CONNECT/CONNACK, SUBSCRIBE,
 Three things aiomqtt 2.5 has no public API for are done on the paho client underneath, each
 kept to one small place here and covered by the end-to-end tests:
 
-* **Acknowledge after commit.** ``manual_ack_set(True)``; a PUBACK is sent by ``ack(mid, qos)``
-  only once the transaction holding the message has committed. A message id is only valid on
+* **Acknowledge after commit.** ``manual_ack_set(True)``; PUBACKs are queued on paho's output
+  only once the transaction holding the messages has committed. A message id is only valid on
   the connection it came in on, so every message carries its connection's *epoch*; an ack for an
   older epoch is dropped (the broker redelivers that message, and the store is idempotent).
   Batches are acknowledged in arrival order, as MQTT 5 expects.
-* **Fast intake.** paho's ``on_message`` appends to our own deque, skipping aiomqtt's per-message
-  wrapper objects and its queue, which drop messages when full.
+* **Fast intake.** PUBLISH packets are read by ``wire.parse_publish`` (topic, packet id, user
+  properties, payload) instead of paho's generic decoder, and appended to our own deque,
+  skipping aiomqtt's queue, which drops messages when full. paho's own handler (and its
+  ``on_message``) still takes QoS 2, topic aliases and anything unusual. PUBACKs of a batch go
+  out as one write.
 * **Backpressure.** At ``max_unacked`` messages held in memory we stop reading the socket
   (remove its reader from the event loop) and resume at half that. ReceiveMaximum in CONNECT
   asks the broker for the same bound; brokers that ignore it (Mosquitto 2.0.11) are held off by
@@ -32,15 +35,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mirror.config import Settings
 from mirror.topics import Inbound
+from mirror.wire import PUBACK, parse_publish, pubacks
 
 log = logging.getLogger(__name__)
 
+MQTT_ERR_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 
@@ -93,6 +99,7 @@ class MqttSource:
         self._unacked = 0
         self._paused = False
         self._client: aiomqtt.Client | None = None
+        self._paho: Any = None  # the paho client of the current connection, from its CONNACK
         self._sock_fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_connection_change = on_connection_change or (lambda _up: None)
@@ -141,16 +148,20 @@ class MqttSource:
         return [self._buffer.popleft() for _ in range(count)]
 
     def ack(self, batch: list[Received]) -> int:
-        """PUBACK every message of a committed batch, in arrival order. Returns acks sent."""
-        sent = 0
-        client = self._client
-        paho = client._client if client is not None and self.connected else None
-        for message in batch:
-            if paho is not None and message.qos > 0 and message.epoch == self.epoch:
-                paho.ack(message.mid, message.qos)
-                sent += 1
+        """PUBACK every message of a committed batch, in arrival order, in one write.
+
+        Only messages of the current connection are acked: a message id means nothing on
+        another connection, and the broker redelivers what an old connection left unacked.
+        """
+        paho = self._paho
+        mids = []
+        if paho is not None:
+            epoch = self.epoch
+            mids = [m.mid for m in batch if m.qos > 0 and m.epoch == epoch]
+            if mids:
+                paho._packet_queue(PUBACK, pubacks(mids), 0, 1)
         self.release(len(batch))
-        return sent
+        return len(mids)
 
     def release(self, count: int) -> None:
         """Forget ``count`` messages held in memory (acknowledged, or dropped for redelivery)."""
@@ -198,6 +209,7 @@ class MqttSource:
                     self._on_connection_change(False)
                 self.subscribed = False
                 self._client = None
+                self._paho = None
                 self._sock_fd = None
                 self._paused = False
             if self._closing.is_set():
@@ -250,6 +262,10 @@ class MqttSource:
         def on_connect(
             c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None
         ) -> None:
+            # A new epoch before any PUBLISH of this connection is read (they may arrive in the
+            # same read as the CONNACK), so every message carries the epoch it can be acked on.
+            self.epoch += 1
+            self._paho = c
             self.session_present = bool(getattr(flags, "session_present", False))
             self._read_connack(properties)
             aiomqtt_on_connect(c, userdata, flags, reason, properties)
@@ -260,6 +276,24 @@ class MqttSource:
 
         paho.on_connect = on_connect
         paho.on_socket_open = on_socket_open
+        paho_handle_publish = paho._handle_publish
+
+        def handle_publish() -> Any:
+            """Our PUBLISH reader (wire.py); paho's own for anything unusual."""
+            parsed = parse_publish(paho._in_packet["command"], paho._in_packet["packet"])
+            if parsed is None:
+                return paho_handle_publish()
+            self._accept(
+                parsed.topic.decode("utf-8", errors="replace"),
+                parsed.payload,
+                parsed.properties,
+                parsed.mid,
+                parsed.qos,
+                parsed.retain,
+            )
+            return MQTT_ERR_SUCCESS
+
+        paho._handle_publish = handle_publish  # type: ignore[method-assign]
         return client
 
     def _read_connack(self, properties: Any) -> None:
@@ -274,7 +308,6 @@ class MqttSource:
     async def _session(self) -> None:
         client = self._make_client()
         async with client:
-            self.epoch += 1
             self._client = client
             self._paused = False
             self.connected = True
@@ -334,27 +367,34 @@ class MqttSource:
     # -- intake (runs inside paho's read callback, on the event loop thread) ------------------
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        if self.snapshot:
-            if not message.retain:
-                return  # live traffic: the main session delivers it
-            self.last_retained_at = time.monotonic()
-            self.retained_received += 1
+        """paho's callback, for the packets :func:`wire.parse_publish` leaves to paho."""
         try:
             topic = message._topic.decode("utf-8", errors="replace")
-            props = getattr(message, "properties", None)
-            inbound = Inbound(
-                topic=topic,
-                payload=bytes(message.payload),
-                properties=_user_properties(props),
-                received_at=time.time(),
-                retain=bool(message.retain),
-                qos=int(message.qos),
-            )
-            self._buffer.append(Received(inbound, int(message.mid), int(message.qos), self.epoch))
-        except Exception:  # never let one message break the connection
+            properties = _user_properties(getattr(message, "properties", None))
+            payload = bytes(message.payload)
+        except Exception:
             self.intake_errors += 1
             log.exception("could not take a message off the wire")
             return
+        self._accept(topic, payload, properties, int(message.mid), int(message.qos), message.retain)
+
+    def _accept(
+        self,
+        topic: str,
+        payload: bytes,
+        properties: dict[str, str],
+        mid: int,
+        qos: int,
+        retain: bool,
+    ) -> None:
+        """Buffer one received message; pause reading at the bound. Never raises."""
+        if self.snapshot:
+            if not retain:
+                return  # live traffic: the main session delivers it
+            self.last_retained_at = time.monotonic()
+            self.retained_received += 1
+        inbound = Inbound(topic, payload, properties, time.time(), bool(retain), qos)
+        self._buffer.append(Received(inbound, mid, qos, self.epoch))
         self._unacked += 1
         self._available.set()
         if self._unacked >= self.settings.max_unacked:
