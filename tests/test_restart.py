@@ -134,3 +134,25 @@ def test_sigterm_during_start_up_exits_zero(broker, database, schema_name, tmp_p
     proc = daemon_process(broker.url, database.url, schema_name, log_path=tmp_path / "d.log")
     time.sleep(0.3)  # importing, connecting: before the event loop owns the signals
     assert stop_process(proc, signal.SIGTERM) == 0
+
+
+async def test_a_drained_backlog_leaves_nothing_to_redeliver(broker, database, schema_name):
+    """Messages read in the same socket read as the CONNACK must be acked on that connection
+    (they once carried the previous connection's epoch, and their acks were dropped)."""
+    from tests.helpers import running_mirror, settings_for, settle
+
+    settings = settings_for(broker.url, database.url, schema_name)
+    async with running_mirror(settings):
+        pass  # creates the persistent session and its subscriptions
+    pub = Publisher(broker.url)
+    for i in range(300):
+        pub.publish(
+            "flespi/message/gw/devices/1", {"timestamp": 1_731_990_000 + i}, 1_731_990_000.0
+        )
+    pub.close()
+    async with running_mirror(settings) as running:  # a backlog waits at connect
+        await settle(running)
+        assert running.mirror.committed_messages == 300
+    async with running_mirror(settings) as running:
+        await asyncio.sleep(1.0)
+        assert running.mirror.committed_messages == 0, "the broker redelivered acked messages"
