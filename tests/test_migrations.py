@@ -43,7 +43,7 @@ async def test_upgrade_then_downgrade_on_an_empty_database(database, schema_name
         await downgrade(engine, schema_name, "base")
         assert await relations(engine, schema_name) == {"alembic_version"}
         await migrate(engine, schema_name)  # and back up again
-        assert TABLES <= await relations(engine, schema_name)
+        assert await relations(engine, schema_name) >= TABLES
     finally:
         await engine.dispose()
 
@@ -78,7 +78,7 @@ async def test_two_mirrors_share_a_database_in_separate_schemas(database, schema
             await engine.dispose()
     engine = create_engine(database.url, schema_name)
     try:
-        assert TABLES <= await relations(engine, other)
-        assert TABLES <= await relations(engine, schema_name)
+        assert await relations(engine, other) >= TABLES
+        assert await relations(engine, schema_name) >= TABLES
     finally:
         await engine.dispose()
