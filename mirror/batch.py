@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.topics import (
+from mirror.records import (
     ChannelMessage,
     DeviceMessage,
     Inbound,

@@ -27,7 +27,9 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mirror import __version__
-from mirror.topics import Reason
+from mirror.records import (
+    Reason,
+)
 
 log = logging.getLogger(__name__)
 

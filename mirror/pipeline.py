@@ -21,10 +21,16 @@ from mirror import metrics, partitions
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
+from mirror.records import (
+    Reason,
+    Rejection,
+)
 from mirror.snapshot import SnapshotCoordinator
 from mirror.source import MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult
-from mirror.topics import Reason, Rejection, decode
+from mirror.topics import (
+    decode,
+)
 
 log = logging.getLogger(__name__)
 

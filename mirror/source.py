@@ -41,7 +41,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mirror.config import Settings
-from mirror.topics import Inbound
+from mirror.records import (
+    Inbound,
+)
 from mirror.wire import PUBACK, parse_publish, pubacks
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirror.config import asyncpg_connect_kwargs
+from mirror.records import (
+    Inbound,
+    Rejection,
+)
 from mirror.testing import publish_many, record_figures
-from mirror.topics import Inbound, Rejection, decode
+from mirror.topics import (
+    decode,
+)
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
 
 TS = 1_731_990_000.0

@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mirror.batch import coalesce
-from mirror.topics import Inbound, Reason, Rejection, TelemetryUpdate, decode
+from mirror.records import (
+    Inbound,
+    Reason,
+    Rejection,
+    TelemetryUpdate,
+)
+from mirror.topics import (
+    decode,
+)
 
 NOW = 1_732_000_000.0
 

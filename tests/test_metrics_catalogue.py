@@ -15,7 +15,10 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from mirror import metrics, schema
-from mirror.topics import Family, Reason
+from mirror.records import (
+    Family,
+    Reason,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "docs" / "metrics.md"
@@ -235,12 +238,12 @@ def test_documented_label_values_match_the_code() -> None:
 
 
 def test_rows_written_labels_are_the_store_statements() -> None:
-    """The store keys its statements "<table>.<operation>"; the metric reports those (merge is
+    """The statements are keyed "<table>.<operation>"; the metric reports those (merge is
     folded into objects and not counted; dead letters have their own counter), plus the
     stale and duplicate outcomes of upsert and append."""
-    from mirror import store
+    from mirror.statements import STATEMENTS
 
-    pairs = [key.split(".") for key in store._STMT]
+    pairs = [key.split(".") for key in STATEMENTS]
     counted = [(t, op) for t, op in pairs if t != "dead_letters" and op != "merge"]
     documented = documented_label_values()
     assert {t for t, _ in counted} == _values(documented["table"])

@@ -9,8 +9,13 @@ import pytest
 from mirror.batch import coalesce
 from mirror.database import create_engine, migrate
 from mirror.partitions import maintain
+from mirror.records import (
+    Inbound,
+)
 from mirror.store import Store
-from mirror.topics import Inbound, decode
+from mirror.topics import (
+    decode,
+)
 from tests.helpers import query
 
 DAY = dt.timedelta(days=1)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.topics import (
+from mirror.records import (
     ChannelMessage,
     DeviceMessage,
     Family,
@@ -22,6 +22,8 @@ from mirror.topics import (
     Rejection,
     SettingUpdate,
     TelemetryUpdate,
+)
+from mirror.topics import (
     classify,
     decode,
 )

@@ -1,0 +1,127 @@
+"""Payload and property validation: JSON that PostgreSQL's jsonb will accept, sane timestamps.
+
+JSON payloads are validated here but kept as their original text, so PostgreSQL stores exactly
+what flespi sent (numbers keep their precision). Everything ``jsonb`` would refuse (NaN,
+``\\u0000``, lone surrogates, absurd nesting) is rejected here instead, so one bad message can
+never fail a whole batch. Pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from mirror.records import Reason
+
+# Timestamps outside this window are absurd for flespi data (2000-01-01 .. 2100-01-01).
+MIN_TIMESTAMP = 946_684_800.0
+MAX_TIMESTAMP = 4_102_444_800.0
+MAX_JSON_DEPTH = 64
+
+
+class Invalid(Exception):
+    """Raised inside decoding; ``topics.decode`` turns it into a :class:`Rejection`."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _reject_constant(name: str) -> Any:
+    raise Invalid(Reason.NON_FINITE_NUMBER, f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Invalid(Reason.NON_FINITE_NUMBER, f"number {text[:40]} overflows a double")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, stopping as soon as ``limit`` is passed."""
+    if not isinstance(value, dict | list):
+        return 0
+    deepest = 1
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return deepest
+
+
+def parse_json(payload: bytes) -> tuple[str, Any]:
+    """Validate a payload as JSON that PostgreSQL's jsonb accepts; return (text, value)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Invalid(Reason.INVALID_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except Invalid:
+        raise
+    except RecursionError:
+        raise Invalid(Reason.TOO_DEEPLY_NESTED, "JSON nesting too deep to parse") from None
+    except ValueError as exc:
+        raise Invalid(Reason.MALFORMED_JSON, f"malformed JSON: {str(exc)[:120]}") from None
+    if "\x00" in text or "\\u0000" in text:
+        raise Invalid(Reason.UNSUPPORTED_UNICODE, "JSON text holds U+0000, which jsonb refuses")
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Invalid(
+                Reason.UNSUPPORTED_UNICODE, "JSON text holds an unpaired surrogate escape"
+            ) from None
+    if isinstance(value, dict | list) and _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise Invalid(Reason.TOO_DEEPLY_NESTED, f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    return text, value
+
+
+def parse_timestamp(properties: Mapping[str, str], fallback: float) -> float:
+    raw = properties.get("timestamp")
+    if raw is None:
+        return fallback
+    return checked_timestamp(raw, "user property timestamp")
+
+
+def checked_timestamp(raw: Any, what: str) -> float:
+    if isinstance(raw, bool):
+        raise Invalid(Reason.INVALID_TIMESTAMP, f"{what} is a boolean")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise Invalid(
+            Reason.INVALID_TIMESTAMP, f"{what} {str(raw)[:40]!r} is not a number"
+        ) from None
+    if not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
+        raise Invalid(Reason.INVALID_TIMESTAMP, f"{what} {str(raw)[:40]} is outside 2000..2100")
+    return value
+
+
+def optional_number(obj: Mapping[str, Any], field: str) -> float | None:
+    value = obj.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(Reason.WRONG_SHAPE, f"field {field!r} is not a number")
+    return float(value)
+
+
+def digest(payload: bytes) -> bytes:
+    # Identity of a history message, so a redelivered copy is stored once. Not a security use.
+    return hashlib.md5(payload, usedforsecurity=False).digest()

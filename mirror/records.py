@@ -1,0 +1,233 @@
+"""The typed records a flespi message becomes, and why one may be rejected.
+
+One small frozen record per topic family; ``None`` in a state record's value field means
+"deleted as of ts". Each record knows its ``key`` (table and primary key), which is all the
+coalescing in ``batch.py`` needs. Pure data, no logic beyond that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+
+class Reason(StrEnum):
+    """Why a message could not be mirrored. A bounded set: it is a metric label."""
+
+    UNKNOWN_TOPIC = "unknown_topic"
+    INVALID_ID = "invalid_id"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    NON_FINITE_NUMBER = "non_finite_number"
+    TOO_DEEPLY_NESTED = "too_deeply_nested"
+    UNSUPPORTED_UNICODE = "unsupported_unicode"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    WRONG_SHAPE = "wrong_shape"
+    EMPTY_PAYLOAD = "empty_payload"
+    DATABASE_REJECTED = "database_rejected"
+
+
+class Family(StrEnum):
+    """Topic families, for metrics and logs."""
+
+    TELEMETRY = "telemetry"
+    SETTING = "setting"
+    PLUGIN_CONFIG = "plugin_config"
+    OBJECT = "object"
+    OBJECT_PROPERTY = "object_property"
+    INTERVAL = "interval"
+    DEVICE_MESSAGE = "device_message"
+    CHANNEL_MESSAGE = "channel_message"
+    MODEM_MESSAGE = "modem_message"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as received from the broker."""
+
+    topic: str
+    payload: bytes
+    properties: Mapping[str, str]
+    received_at: float
+    retain: bool = False
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryUpdate:
+    device_id: int
+    name: str
+    value: str | None
+    ts: float
+    received_at: float
+    family = Family.TELEMETRY
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("telemetry", self.device_id, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class SettingUpdate:
+    """``settings/{name}`` and deeper ``settings/{name}/{field}/...`` levels.
+
+    flespi's deeper levels are UNCONFIRMED; we keep each level as its own row, named by the
+    path below ``settings/`` joined with ``/`` (``name`` or ``name/field``). Nothing is lost
+    and both readings stay queryable.
+    """
+
+    device_id: int
+    name: str
+    value: str | None
+    ts: float
+    received_at: float
+    family = Family.SETTING
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("device_settings", self.device_id, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginConfigUpdate:
+    plugin_id: int
+    device_id: int
+    config: str | None
+    ts: float
+    received_at: float
+    family = Family.PLUGIN_CONFIG
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("plugin_device_configs", self.plugin_id, self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectUpdate:
+    """The whole object (``props`` a JSON object) or its deletion (``props`` None)."""
+
+    api: str
+    origin: str
+    object_id: int
+    props: str | None
+    ts: float
+    received_at: float
+    family = Family.OBJECT
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("objects", self.api, self.origin, self.object_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPropertyUpdate:
+    """One property (``path`` may be nested: ``connections/123``) or its removal."""
+
+    api: str
+    origin: str
+    object_id: int
+    path: tuple[str, ...]
+    value: str | None
+    ts: float
+    received_at: float
+    family = Family.OBJECT_PROPERTY
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("object_properties", self.api, self.origin, self.object_id, self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalEvent:
+    """A calculator interval. ``data`` None means the interval was deleted.
+
+    Key: flespi's interval ``id`` when the payload has one (automated calculators), else its
+    ``begin``: ``interval_key`` is ``"id:<id>"`` or ``"begin:<begin>"``.
+    """
+
+    calc_id: int
+    device_id: int
+    interval_key: str
+    interval_id: int | None
+    begin: float | None
+    end: float | None
+    duration: float | None
+    event: str
+    data: str | None
+    ts: float
+    received_at: float
+    family = Family.INTERVAL
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("intervals", self.calc_id, self.device_id, self.interval_key)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMessage:
+    device_id: int
+    ts: float
+    server_ts: float | None
+    ident: str | None
+    payload: str
+    digest: bytes
+    received_at: float
+    family = Family.DEVICE_MESSAGE
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("device_messages", self.device_id, self.ts, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    channel_id: int
+    ident: str
+    ts: float
+    server_ts: float | None
+    payload: str
+    digest: bytes
+    received_at: float
+    family = Family.CHANNEL_MESSAGE
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("channel_messages", self.channel_id, self.ident, self.ts, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ModemMessage:
+    modem_id: int
+    phone: str
+    ts: float
+    payload: str
+    digest: bytes
+    received_at: float
+    family = Family.MODEM_MESSAGE
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("modem_messages", self.modem_id, self.phone, self.ts, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    detail: str
+    family: Family = Family.UNKNOWN
+
+
+StateRecord: TypeAlias = (
+    TelemetryUpdate
+    | SettingUpdate
+    | PluginConfigUpdate
+    | ObjectUpdate
+    | ObjectPropertyUpdate
+    | IntervalEvent
+)
+HistoryRecord: TypeAlias = DeviceMessage | ChannelMessage | ModemMessage
+Record: TypeAlias = StateRecord | HistoryRecord
