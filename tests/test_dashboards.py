@@ -25,8 +25,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mirror.config import sqlalchemy_url
-from mirror.simulate import FIRST_DEVICE_ID, SimulationOptions, run_simulation
+from mirror.simulate import SimulationOptions, run_simulation
 from mirror.testing import MosquittoBroker, TestDatabase
+from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import (
     promtool,
     publisher,

@@ -16,8 +16,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mirror.simulate import FAMILIES, SimulationOptions, SimulationReport, run_simulation
+from mirror.simulate import SimulationOptions, SimulationReport, run_simulation
 from mirror.testing import MosquittoBroker, free_port
+from mirror.traffic import FAMILIES
 
 
 @dataclass(frozen=True)

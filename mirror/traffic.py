@@ -1,0 +1,397 @@
+"""The traffic of a simulated flespi account: what is published, in which order. Pure.
+
+It speaks the same topics and payloads as flespi (see ``shared/flespi-mqtt.md``): a retained
+snapshot of every device's state first, then a live mix of telemetry, device and channel
+messages, property changes, interval events, SMS and the odd deletion. Deterministic for a
+given seed; only the timestamps are real wall-clock time, as flespi's are. ``simulate.py``
+publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+ACCOUNT_ID = 123456
+FIRST_DEVICE_ID = 1_000_000  # device n (1-based) has id FIRST_DEVICE_ID + n
+CHANNEL_ID = 5001
+PLUGIN_ID = 7001
+CALC_ID = 8001
+MODEM_ID = 9001
+DEVICE_TYPE_ID = 1272
+PROTOCOL_ID = 200
+
+FAMILIES = (
+    "telemetry",
+    "setting",
+    "plugin_config",
+    "object",
+    "object_property",
+    "interval",
+    "device_message",
+    "channel_message",
+    "modem_message",
+    "deletion",
+)
+
+
+# Live events and their weights: a device report publishes ~5 telemetry values plus the message
+# seen by the device and by the channel, so telemetry makes up roughly 70% of the live publishes.
+EVENT_WEIGHTS = {
+    "report": 0.85,
+    "property": 0.06,
+    "interval": 0.05,
+    "sms": 0.015,
+    "setting": 0.01,
+    "plugin_config": 0.005,
+    "object": 0.005,
+    "deletion": 0.005,
+}
+# The first live events cover every family once, so even a short demo fills every table.
+OPENING_EVENTS = (
+    "report",
+    "property",
+    "interval",
+    "setting",
+    "plugin_config",
+    "object",
+    "sms",
+    "deletion",
+    "interval",
+    "interval_deleted",
+)
+DELETABLE_PARAMS = ("din", "engine.ignition.status", "gsm.signal.level")
+SMS_TEXTS = ("ALARM SOS", "STATUS OK", "Low battery", "Door opened", "Ignition on", "GPS lost")
+NAME_KINDS = ("truck", "van", "car")
+
+
+@dataclass(frozen=True)
+class Publication:
+    family: str
+    topic: str
+    payload: bytes  # b"" is a deletion
+    retain: bool
+
+
+@dataclass
+class OpenInterval:
+    id: int
+    begin: int
+    end: int
+    mileage: float
+    max_speed: int
+
+
+@dataclass
+class SimulatedDevice:
+    index: int  # 1-based
+    latitude: float
+    longitude: float
+    heading: float
+    speed: float
+    battery: float
+    ignition: bool = True
+    din: int = 0
+    connected: bool = True
+    name_kind: str = "truck"
+    interval: OpenInterval | None = None
+    report_interval: int = 30
+
+    @property
+    def id(self) -> int:
+        return FIRST_DEVICE_ID + self.index
+
+    @property
+    def ident(self) -> str:
+        return f"35{self.index:012d}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.name_kind}-{self.index}"
+
+    @property
+    def phone(self) -> str:
+        return f"3706{self.index:07d}"
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class TrafficGenerator:
+    """What flespi would publish for an account of simulated devices; no I/O."""
+
+    def __init__(self, devices: int, seed: int, clock: Callable[[], float] = time.time) -> None:
+        self.rng = random.Random(seed)
+        self.clock = clock
+        self.next_interval_id = 1
+        self.devices = [
+            SimulatedDevice(
+                index=n,
+                latitude=54.687 + self.rng.uniform(-0.3, 0.3),
+                longitude=25.279 + self.rng.uniform(-0.5, 0.5),
+                heading=self.rng.uniform(0, 360),
+                speed=self.rng.uniform(0, 90),
+                battery=self.rng.uniform(60, 100),
+                name_kind=self.rng.choice(NAME_KINDS),
+            )
+            for n in range(1, devices + 1)
+        ]
+
+    # -- topics ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state(device: SimulatedDevice, suffix: str = "") -> str:
+        return f"flespi/state/gw/devices/{device.id}{suffix}"
+
+    def _telemetry(self, device: SimulatedDevice, param: str, value: Any) -> Publication:
+        topic = self._state(device, f"/telemetry/{param}")
+        return Publication("telemetry", topic, _json(value), True)
+
+    # -- payloads --------------------------------------------------------------------------------
+
+    def _object(self, device: SimulatedDevice) -> dict[str, Any]:
+        return {
+            "id": device.id,
+            "name": device.name,
+            "cid": ACCOUNT_ID,
+            "device_type_id": DEVICE_TYPE_ID,
+            "protocol_id": PROTOCOL_ID,
+            "configuration": {"ident": device.ident},
+            "messages_ttl": 31536000,
+        }
+
+    def _position(self, device: SimulatedDevice) -> dict[str, Any]:
+        return {
+            "latitude": round(device.latitude, 6),
+            "longitude": round(device.longitude, 6),
+            "altitude": 112 + (device.index % 40),
+            "direction": round(device.heading),
+            "speed": round(device.speed),
+            "satellites": 6 + device.index % 9,
+            "hdop": 0.9,
+            "valid": True,
+        }
+
+    def _telemetry_snapshot(self, device: SimulatedDevice, now: float) -> dict[str, Any]:
+        position = self._position(device)
+        return {
+            "position": position,
+            "position.latitude": position["latitude"],
+            "position.longitude": position["longitude"],
+            "position.altitude": position["altitude"],
+            "position.speed": position["speed"],
+            "position.direction": position["direction"],
+            "position.valid": True,
+            "battery.level": round(device.battery),
+            "engine.ignition.status": device.ignition,
+            "din": device.din,
+            "gsm.signal.level": 60 + device.index % 40,
+            "ident": device.ident,
+            "timestamp": round(now, 6),
+        }
+
+    def _plugin_config(self, device: SimulatedDevice) -> dict[str, Any]:
+        return {"enabled": True, "speed_limit": 90 + 10 * (device.index % 3), "geofence": "depot"}
+
+    # -- the snapshot ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Iterator[Publication]:
+        """The retained state a subscriber finds when it connects to flespi."""
+        for device in self.devices:
+            now = self.clock()
+            yield Publication("object", self._state(device), _json(self._object(device)), True)
+            yield Publication(
+                "object_property", self._state(device, "/connected"), _json(device.connected), True
+            )
+            yield Publication(
+                "object_property", self._state(device, "/last_active"), _json(int(now)), True
+            )
+            for param, value in self._telemetry_snapshot(device, now).items():
+                yield self._telemetry(device, param, value)
+            yield self._setting(device)
+            yield Publication(
+                "setting",
+                self._state(device, "/settings/sms_notifications"),
+                _json({"enabled": False}),
+                True,
+            )
+            yield Publication(
+                "plugin_config",
+                f"flespi/state/gw/plugins/{PLUGIN_ID}/devices/{device.id}",
+                _json(self._plugin_config(device)),
+                True,
+            )
+
+    # -- live traffic ----------------------------------------------------------------------------
+
+    def live(self) -> Iterator[Publication]:
+        """An endless mix of live events; the first ones cover every family."""
+        kinds = list(EVENT_WEIGHTS)
+        weights = list(EVENT_WEIGHTS.values())
+        for kind in OPENING_EVENTS:
+            yield from self._event(kind, self.devices[0])
+        while True:
+            kind = self.rng.choices(kinds, weights)[0]
+            yield from self._event(kind, self.rng.choice(self.devices))
+
+    def _event(self, kind: str, device: SimulatedDevice) -> Iterator[Publication]:
+        if kind == "report":
+            yield from self._report(device)
+        elif kind == "property":
+            yield from self._property(device)
+        elif kind == "interval":
+            yield self._interval(device, deleting=False)
+        elif kind == "interval_deleted":
+            yield self._interval(device, deleting=True)
+        elif kind == "sms":
+            yield self._sms(device)
+        elif kind == "setting":
+            device.report_interval = self.rng.choice((10, 30, 60, 120))
+            yield self._setting(device)
+        elif kind == "plugin_config":
+            config = self._plugin_config(device) | {"enabled": self.rng.random() < 0.8}
+            topic = f"flespi/state/gw/plugins/{PLUGIN_ID}/devices/{device.id}"
+            yield Publication("plugin_config", topic, _json(config), True)
+        elif kind == "object":
+            device.name_kind = self.rng.choice(NAME_KINDS)
+            yield Publication("object", self._state(device), _json(self._object(device)), True)
+            name_topic = self._state(device, "/name")
+            yield Publication("object_property", name_topic, _json(device.name), True)
+        elif kind == "deletion":
+            param = self.rng.choice(DELETABLE_PARAMS)
+            yield Publication("deletion", self._state(device, f"/telemetry/{param}"), b"", True)
+        else:
+            raise ValueError(f"unknown simulated event {kind!r}")
+
+    def _setting(self, device: SimulatedDevice) -> Publication:
+        return Publication(
+            "setting",
+            self._state(device, "/settings/report_interval"),
+            _json({"interval": device.report_interval}),
+            True,
+        )
+
+    def _move(self, device: SimulatedDevice) -> None:
+        """Drive on for one nominal report period (fixed, so positions follow the seed only)."""
+        rng = self.rng
+        device.heading = (device.heading + rng.uniform(-25, 25)) % 360
+        device.speed = min(130.0, max(0.0, device.speed + rng.uniform(-12, 12)))
+        step = device.speed / 3600 * 10 / 111.0  # 10 s at this speed, in degrees (roughly)
+        device.latitude += step * _cos_deg(device.heading)
+        device.longitude += step * _sin_deg(device.heading) * 1.7
+        if rng.random() < 0.03:
+            device.ignition = not device.ignition
+        charge = 0.3 if device.ignition else -0.2
+        device.battery = min(100.0, max(5.0, device.battery + charge + rng.uniform(-0.3, 0.1)))
+
+    def _report(self, device: SimulatedDevice) -> Iterator[Publication]:
+        rng = self.rng
+        self._move(device)
+        now = self.clock()
+        delay = rng.uniform(0.2, 3.0)
+        peer_port = rng.randrange(40000, 60000)
+        position = self._position(device)
+        yield self._telemetry(device, "position", position)
+        yield self._telemetry(device, "position.latitude", position["latitude"])
+        yield self._telemetry(device, "position.longitude", position["longitude"])
+        yield self._telemetry(device, "position.speed", position["speed"])
+        yield self._telemetry(device, "battery.level", round(device.battery))
+        if rng.random() < 0.1:
+            device.din = rng.randrange(16)
+            yield self._telemetry(device, "din", device.din)
+        message = {
+            "ident": device.ident,
+            "timestamp": round(now - delay, 6),
+            "server.timestamp": round(now, 6),
+            "channel.id": CHANNEL_ID,
+            "device.id": device.id,
+            "device.name": device.name,
+            "device.type.id": DEVICE_TYPE_ID,
+            "protocol.id": PROTOCOL_ID,
+            "peer": f"10.20.{device.index // 250 % 250}.{device.index % 250}:{peer_port}",
+            "position.latitude": position["latitude"],
+            "position.longitude": position["longitude"],
+            "position.altitude": position["altitude"],
+            "position.direction": position["direction"],
+            "position.speed": position["speed"],
+            "position.satellites": position["satellites"],
+            "position.valid": True,
+            "battery.level": round(device.battery),
+            "engine.ignition.status": device.ignition,
+            "din": device.din,
+        }
+        payload = _json(message)
+        device_topic = f"flespi/message/gw/devices/{device.id}"
+        channel_topic = f"flespi/message/gw/channels/{CHANNEL_ID}/{device.ident}"
+        yield Publication("device_message", device_topic, payload, False)
+        yield Publication("channel_message", channel_topic, payload, False)
+
+    def _property(self, device: SimulatedDevice) -> Iterator[Publication]:
+        if self.rng.random() < 0.2:
+            device.connected = not device.connected
+            yield Publication(
+                "object_property", self._state(device, "/connected"), _json(device.connected), True
+            )
+        yield Publication(
+            "object_property", self._state(device, "/last_active"), _json(int(self.clock())), True
+        )
+
+    def _interval(self, device: SimulatedDevice, *, deleting: bool) -> Publication:
+        """created opens an interval, updated extends its end, deleted drops it (same id, begin)."""
+        rng = self.rng
+        now = self.clock()
+        interval = device.interval
+        roll = rng.random()
+        if deleting and interval is not None:
+            event = "deleted"
+            device.interval = None
+        elif interval is None or roll < 0.25:
+            event = "created"
+            begin = int(now) - rng.randint(60, 600)
+            interval = OpenInterval(
+                self.next_interval_id, begin, int(now), rng.uniform(0.5, 5.0), rng.randint(20, 90)
+            )
+            self.next_interval_id += 1
+            device.interval = interval
+        elif roll < 0.93:
+            event = "updated"
+            interval.end = max(int(now), interval.end + 1)
+            interval.mileage += rng.uniform(0.1, 3.0)
+            interval.max_speed = max(interval.max_speed, rng.randint(20, 120))
+        else:
+            event = "deleted"
+            device.interval = None
+        payload = {
+            "id": interval.id,
+            "begin": interval.begin,
+            "end": interval.end,
+            "duration": interval.end - interval.begin,
+            "timestamp": round(now, 6),
+            "mileage": round(interval.mileage, 1),
+            "max_speed": interval.max_speed,
+        }
+        topic = f"flespi/interval/gw/calcs/{CALC_ID}/devices/{device.id}/{event}"
+        return Publication("interval", topic, _json(payload), False)
+
+    def _sms(self, device: SimulatedDevice) -> Publication:
+        payload = {
+            "timestamp": round(self.clock(), 6),
+            "text": self.rng.choice(SMS_TEXTS),
+            "phone": f"+{device.phone}",
+        }
+        topic = f"flespi/message/gw/modems/{MODEM_ID}/{device.phone}"
+        return Publication("modem_message", topic, _json(payload), False)
+
+
+def _cos_deg(degrees: float) -> float:
+    return math.cos(math.radians(degrees))
+
+
+def _sin_deg(degrees: float) -> float:
+    return math.sin(math.radians(degrees))
