@@ -1,0 +1,1 @@
+"""Benchmarks of the mirror daemon: see bench/README.md (run with `make bench`)."""
