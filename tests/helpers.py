@@ -163,48 +163,54 @@ async def settle(running: RunningMirror, quiet: float = 0.3, timeout: float = 20
 
 def daemon_process(
     broker_url: str,
-    database_url: str,
+    database_url: str | None,
     schema: str,
     *extra: str,
     env: dict[str, str] | None = None,
     log_path: Path | None = None,
+    token: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`flespi-mirror run` as a real process (for SIGKILL and SIGTERM tests).
+    """`flespi-mirror run` as a real process (for SIGKILL, SIGTERM and security tests).
 
-    Output goes to ``log_path`` (appended) so a test can wait for log lines without a pipe
-    that could fill up and block the daemon.
+    Secrets travel in the environment, as the README advises (arguments show in process
+    lists); ``database_url`` None runs on the embedded PostgreSQL. Output goes to ``log_path``
+    (appended) so a test can wait for log lines without a pipe that could fill up and block.
     """
     cmd = [
-        sys.executable,
-        "-m",
-        "mirror.cli",
-        "run",
-        "--mqtt-url",
-        broker_url,
-        "--database-url",
-        database_url,
-        "--schema",
-        schema,
-        "--client-id",
-        f"mirror-{schema}",
-        "--metrics-port",
-        "0",
-        "--flush-interval",
-        "0.01",
+        sys.executable, "-m", "mirror.cli", "run",
+        "--mqtt-url", broker_url,
+        "--schema", schema,
+        "--client-id", f"mirror-{schema}",
+        "--metrics-port", "0",
+        "--flush-interval", "0.01",
         *extra,
-    ]
+    ]  # fmt: skip
+    child_env = {
+        k: v for k, v in os.environ.items() if k not in ("MIRROR_DATABASE_URL", "FLESPI_TOKEN")
+    }
+    if database_url:
+        child_env["MIRROR_DATABASE_URL"] = database_url
+    if token:
+        child_env["FLESPI_TOKEN"] = token
+    child_env.update(env or {})
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
-        return subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT)
     finally:
         if log_path:
             out.close()  # type: ignore[union-attr]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET on 127.0.0.1, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def wait_for_log(path: Path, needle: str, count: int = 1, timeout: float = 30) -> None:

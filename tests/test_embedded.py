@@ -12,33 +12,14 @@ import psutil
 import pytest
 
 from mirror.config import asyncpg_connect_kwargs
-from tests.helpers import ROOT, Publisher, stop_process, wait_for_log
+from tests.helpers import Publisher, daemon_process, stop_process, wait_for_log
 
 pytestmark = pytest.mark.slow
 
 
 def run_embedded(broker_url: str, data_dir, log):
-    import os
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "mirror.cli",
-        "run",
-        "--mqtt-url",
-        broker_url,
-        "--data-dir",
-        str(data_dir),
-        "--client-id",
-        "embedded-test",
-        "--metrics-port",
-        "0",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MIRROR_DATABASE_URL"}
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    """`run` without a database URL: the embedded PostgreSQL, data in ``data_dir``."""
+    return daemon_process(broker_url, None, "flespi", "--data-dir", str(data_dir), log_path=log)
 
 
 def postgres_running(data_dir) -> bool:

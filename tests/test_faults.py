@@ -13,8 +13,6 @@ import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +31,7 @@ from mirror.testing import (
     publish_many,
     record_figures,
 )
-from tests.helpers import Publisher, daemon_process, query, stop_process, wait_for_log
+from tests.helpers import Publisher, daemon_process, http_get, query, stop_process, wait_for_log
 
 BASE_TS = 1_731_990_000.0
 DEVICES = 20
@@ -75,14 +73,6 @@ class RssSampler:
 
     def peak_between(self, start: float, end: float) -> int:
         return max((rss for t, rss in self.samples if start <= t <= end), default=0)
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def metric(text: str, name: str, labels: str = "") -> float | None:

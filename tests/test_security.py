@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,18 +30,11 @@ from tests.helpers import (
     ROOT,
     daemon_process,
     eventually,
+    http_get,
     publisher,
     stop_process,
     wait_for_log,
 )
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def process_title(pid: int) -> str:
@@ -65,33 +56,8 @@ def with_password(url: str, password: str) -> str:
 def secret_daemon(
     broker_url: str, database_url: str, schema: str, token: str, log: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
-    """`flespi-mirror run` with both secrets in the environment, as the docs advise: unlike
-    argv (``--token``, ``--database-url``), the environment is not in the process title."""
-    out = open(log, "ab")  # noqa: SIM115
-    try:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mirror.cli",
-                "run",
-                "--mqtt-url",
-                broker_url,
-                "--schema",
-                schema,
-                "--client-id",
-                f"mirror-{schema}",
-                "--flush-interval",
-                "0.01",
-                *extra,
-            ],
-            cwd=ROOT,
-            env={**os.environ, "FLESPI_TOKEN": token, "MIRROR_DATABASE_URL": database_url},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    finally:
-        out.close()
+    """`flespi-mirror run` with both secrets in the environment only."""
+    return daemon_process(broker_url, database_url, schema, *extra, log_path=log, token=token)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,26 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.error
-import urllib.request
 
 import psutil
 import pytest
 
 from mirror.database import create_engine
 from mirror.testing import free_port
-from tests.helpers import Publisher, daemon_process, query, stop_process, wait_for_log
+from tests.helpers import Publisher, daemon_process, http_get, query, stop_process, wait_for_log
 
 pytestmark = pytest.mark.slow
 BASE_TS = 1_731_990_000.0
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def counter_total(text: str, name: str) -> float:
