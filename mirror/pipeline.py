@@ -27,7 +27,7 @@ from mirror.records import (
 )
 from mirror.snapshot import SnapshotCoordinator
 from mirror.source import MqttSource, Received
-from mirror.store import DatabaseUnavailable, Store, WriteResult
+from mirror.store import DatabaseUnavailable, Store, WriteResult, is_retryable
 from mirror.topics import (
     decode,
 )
@@ -95,12 +95,8 @@ class Mirror:
                         await conn.exec_driver_sql("SELECT 1")
                 self.health.update(database_ok=True)
                 return
-            except (OSError, TimeoutError) as exc:
-                error: BaseException = exc
             except Exception as exc:
-                from mirror.store import is_retryable
-
-                if not is_retryable(exc):
+                if not isinstance(exc, OSError | TimeoutError) and not is_retryable(exc):
                     raise
                 error = exc
             self.health.update(database_ok=False)

@@ -126,12 +126,13 @@ class SnapshotCoordinator:
             while not stopping.is_set():
                 if session.done():
                     return None
-                with contextlib.suppress(TimeoutError):
+                batch: list[Received] = []
+                with contextlib.suppress(TimeoutError):  # only the wait for messages
                     batch = await asyncio.wait_for(
                         source.take(self.settings.batch_size, self.settings.flush_interval), 0.25
                     )
-                    if batch:
-                        await self.commit(batch, source)
+                if batch:
+                    await self.commit(batch, source)
                 if self._finished(source):
                     log.info("retained snapshot complete: %d messages", source.retained_received)
                     self.taken = source.retained_received

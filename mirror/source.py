@@ -107,6 +107,7 @@ class MqttSource:
         self._on_connection_change = on_connection_change or (lambda _up: None)
         self._on_reconnect = on_reconnect or (lambda: None)
         self._resync = resync
+        self._max_qos = 1  # from the CONNACK; flespi's is 1
         self.intake_errors = 0
 
     # -- what the pipeline uses ---------------------------------------------------------------
@@ -142,10 +143,6 @@ class MqttSource:
                 self._available.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._available.wait(), remaining)
-        count = min(max_messages, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(count)]
-
-    def take_nowait(self, max_messages: int) -> list[Received]:
         count = min(max_messages, len(self._buffer))
         return [self._buffer.popleft() for _ in range(count)]
 
@@ -344,7 +341,7 @@ class MqttSource:
             # the broker keeps queueing for us until we return.
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        qos = 0 if self.snapshot else min(1, getattr(self, "_max_qos", 1))
+        qos = 0 if self.snapshot else min(1, self._max_qos)
         # retainHandling=1: retained messages only for a subscription the session lacks, so a
         # reconnect to a persistent session does not replay the whole retained state.
         retain_handling = 0 if (self._resync or self.snapshot) else 1
