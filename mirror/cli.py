@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Default 0: keep forever. Env MIRROR_RETENTION_DAYS.",
     )
     run.add_argument(
+        "--tombstone-days",
+        type=int,
+        default=int(_env("MIRROR_TOMBSTONE_DAYS", 14)),
+        help="Remember deletions this long, so late redeliveries cannot resurrect rows. "
+        "Keep it above the session expiry. Default 14; 0 keeps them forever.",
+    )
+    run.add_argument(
         "--share-group",
         default=_env("MIRROR_SHARE_GROUP"),
         help="Subscribe as a member of this MQTT 5 shared subscription group ($share/NAME/...; "
@@ -253,6 +260,7 @@ def settings_from(args: argparse.Namespace, database_url: str) -> Settings:
         max_payload_bytes=args.max_payload_bytes,
         migrate=not args.no_migrate,
         retention_days=args.retention_days,
+        tombstone_days=args.tombstone_days,
         share_group=args.share_group or None,
     )
 

@@ -98,6 +98,7 @@ class Settings:
     data_dir: str | None = None
     shutdown_timeout: float = 15.0
     retention_days: int = 0
+    tombstone_days: int = 14
     partition_days_ahead: int = 7
     maintenance_interval: float = 3600.0
     share_group: str | None = None

@@ -1,4 +1,5 @@
-"""Day partitions of the history tables, made ahead of time, and retention by dropping them.
+"""Upkeep of the schema: day partitions of the history tables made ahead and dropped by
+retention, and old tombstones pruned.
 
 ``device_messages``, ``channel_messages`` and ``modem_messages`` are partitioned by range of
 ``ts`` (PostgreSQL declarative partitioning, created by the migration with a DEFAULT partition).
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mirror.schema import HISTORY_TABLES
+from mirror.schema import HISTORY_TABLES, metadata
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +138,27 @@ async def maintain(
             report.moved_rows,
         )
     return report
+
+
+async def prune_tombstones(engine: AsyncEngine, keep_days: int) -> int:
+    """Forget deletions older than ``keep_days``; return how many were forgotten.
+
+    A tombstone stops an update older than the deletion from bringing a row back. Such an
+    update can only come from a late redelivery, which a broker keeps for at most the session
+    expiry (flespi: up to 10 days), or from a reordering between shared-subscription members
+    (seconds). Past that, the tombstone protects nothing and only takes space.
+    """
+    if keep_days <= 0:
+        return 0
+    removed = 0
+    async with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            if table.name.endswith("_tombstones"):
+                result = await conn.execute(
+                    text(f"DELETE FROM {table.name} WHERE ts < now() - make_interval(days => :d)"),
+                    {"d": keep_days},
+                )
+                removed += max(result.rowcount, 0)
+    if removed:
+        log.info("pruned %d tombstones older than %d days", removed, keep_days)
+    return removed

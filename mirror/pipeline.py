@@ -141,14 +141,15 @@ class Mirror:
         await self.snapshot.run(self._stopping)
 
     async def maintain_partitions(self) -> None:
-        """Day partitions ahead, retention behind. A failure is logged and retried later: the
-        default partition takes the rows meanwhile, so nothing is lost."""
+        """Day partitions ahead, retention behind, old tombstones pruned. A failure is logged
+        and retried later: the default partition takes the rows meanwhile, nothing is lost."""
         try:
             await partitions.maintain(
                 self.engine,
                 days_ahead=self.settings.partition_days_ahead,
                 retention_days=self.settings.retention_days,
             )
+            await partitions.prune_tombstones(self.engine, self.settings.tombstone_days)
         except Exception as exc:
             metrics.MAINTENANCE_ERRORS.inc()
             log.warning("partition maintenance failed (will retry): %s", exc)

@@ -43,6 +43,7 @@ def worker_command(settings: Settings, index: int) -> tuple[list[str], dict[str,
         "--flush-interval", str(settings.flush_interval),
         "--max-payload-bytes", str(settings.max_payload_bytes),
         "--retention-days", str(settings.retention_days),
+        "--tombstone-days", str(settings.tombstone_days),
         "--no-migrate",
     ]  # fmt: skip
     for topic in settings.topics:

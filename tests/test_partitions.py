@@ -8,7 +8,7 @@ import pytest
 
 from mirror.batch import coalesce
 from mirror.database import create_engine, migrate
-from mirror.partitions import maintain
+from mirror.partitions import maintain, prune_tombstones
 from mirror.records import (
     Inbound,
 )
@@ -95,3 +95,19 @@ async def test_without_retention_nothing_is_dropped(engine):
     await maintain(engine, today=TODAY, days_ahead=1)
     report = await maintain(engine, today=TODAY + 100 * DAY, days_ahead=1, retention_days=0)
     assert report.dropped == []
+
+
+async def test_tombstones_older_than_the_horizon_are_pruned(engine):
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "INSERT INTO telemetry_tombstones (device_id, name, ts) VALUES "
+            "(1, 'old', now() - interval '20 days'), (1, 'recent', now() - interval '2 days')"
+        )
+        await conn.exec_driver_sql(
+            "INSERT INTO objects_tombstones (api, origin, id, ts) VALUES "
+            "('gw', 'devices', 1, now() - interval '30 days')"
+        )
+    assert await prune_tombstones(engine, keep_days=0) == 0  # 0 keeps them forever
+    assert await prune_tombstones(engine, keep_days=14) == 2
+    assert await query(engine, "SELECT name FROM telemetry_tombstones") == [("recent",)]
+    assert await query(engine, "SELECT count(*) FROM objects_tombstones") == [(0,)]
