@@ -483,6 +483,9 @@ def test_custom_values_reach_the_daemon() -> None:
     assert env["MIRROR_SCHEMA"]["value"] == values["config"]["schema"]
     assert env["MIRROR_LOG_FORMAT"]["value"] == "text"
     assert env["MIRROR_SESSION_EXPIRY"]["value"] == "86400"
+    assert env["MIRROR_RETENTION_DAYS"]["value"] == "90"
+    assert env["MIRROR_TOMBSTONE_DAYS"]["value"] == "14"
+    assert env["MIRROR_WORKERS"]["value"] == "2"
     assert env["MIRROR_CA_FILE"]["value"] == "/etc/flespi-mirror/ca/ca.crt"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/etc/flespi-mirror/ca"] == "broker-ca"
@@ -497,6 +500,9 @@ def test_defaults_leave_optional_settings_to_the_daemon() -> None:
         "MIRROR_CLIENT_ID",
         "MIRROR_SHARE_GROUP",
         "MIRROR_SESSION_EXPIRY",
+        "MIRROR_RETENTION_DAYS",
+        "MIRROR_TOMBSTONE_DAYS",
+        "MIRROR_WORKERS",
         "MIRROR_CA_FILE",
     ):
         assert name not in env
