@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url, embedded = resolve_database(args)
         try:
             settings = settings_from(args, url)
-            if args.workers > 1:
+            if args.workers > 1 and not args.worker:  # a worker never supervises
                 return asyncio.run(_supervise(settings, url, args.workers))
             return asyncio.run(_run(settings, url, args.resync, worker=args.worker))
         finally:

@@ -54,7 +54,7 @@ def worker_command(settings: Settings, index: int) -> tuple[list[str], dict[str,
         argv.append("--allow-plain-token")
     if settings.ca_file:
         argv += ["--ca-file", settings.ca_file]
-    env = {"FLESPI_TOKEN": settings.token.reveal()}
+    env = {"FLESPI_TOKEN": settings.token.reveal(), "MIRROR_WORKERS": "1"}
     if settings.database_url is not None:
         env["MIRROR_DATABASE_URL"] = settings.database_url.reveal()
     return argv, env

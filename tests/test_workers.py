@@ -92,3 +92,24 @@ async def test_two_workers_share_the_stream_and_one_restarts_after_a_crash(
         for p in psutil.process_iter(["cmdline"])
         if f"{schema_name}-w" in " ".join(p.info["cmdline"] or [])
     ]
+
+
+async def test_workers_from_the_environment_do_not_spawn_workers_of_their_own(
+    broker, database, schema_name, tmp_path
+):
+    """MIRROR_WORKERS is inherited by the workers; only the supervisor may act on it."""
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    proc = daemon_process(
+        broker.url, database.url, schema_name, "--metrics-port", str(port),
+        env={"MIRROR_WORKERS": "2"}, log_path=log,
+    )  # fmt: skip
+    try:
+        wait_for_log(log, "subscribed to", count=2)
+        await wait_ready(port)
+        await asyncio.sleep(1.0)
+        supervisor = psutil.Process(proc.pid)
+        assert len(supervisor.children()) == 2
+        assert supervisor.children(recursive=True) == supervisor.children()
+    finally:
+        assert stop_process(proc, signal.SIGTERM, timeout=60) == 0
