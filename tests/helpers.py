@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -269,3 +270,29 @@ def registry_series_names() -> set[str]:
         for family in metrics.REGISTRY.collect()
         for suffix in suffixes[family.type]
     }
+
+
+def publish_pairs(
+    url: str, count: int, done: threading.Event, pace: float, devices: int = 20
+) -> dict[int, int]:
+    """Per step a retained telemetry value ``counter`` and a device message with ``seq``;
+    returns the last counter value published per device. Sets ``done`` at the end."""
+    pub = Publisher(url)
+    last: dict[int, int] = {}
+    try:
+        for i in range(count):
+            device = 1000 + i % devices
+            ts = 1_731_990_000.0 + i * 0.001
+            pub.publish(f"flespi/state/gw/devices/{device}/telemetry/counter", i, ts, retain=True)
+            last[device] = i
+            pub.publish(
+                f"flespi/message/gw/devices/{device}",
+                {"ident": str(device), "timestamp": ts, "seq": i},
+                ts,
+            )
+            if pace:
+                time.sleep(pace)
+    finally:
+        pub.close()
+        done.set()
+    return last

@@ -31,7 +31,14 @@ from mirror.testing import (
     publish_many,
     record_figures,
 )
-from tests.helpers import Publisher, daemon_process, http_get, query, stop_process, wait_for_log
+from tests.helpers import (
+    daemon_process,
+    http_get,
+    publish_pairs,
+    query,
+    stop_process,
+    wait_for_log,
+)
 
 BASE_TS = 1_731_990_000.0
 DEVICES = 20
@@ -204,29 +211,6 @@ def private_db(private_pg: PrivatePostgres) -> Iterator[str]:
 
 # --------------------------------------------------------------------------------------------
 # The daemon killed and stopped
-
-
-def publish_pairs(url: str, count: int, done: threading.Event, pace: float) -> dict[int, int]:
-    """Per step a retained telemetry value and a device message; the last value per device."""
-    pub = Publisher(url)
-    last: dict[int, int] = {}
-    try:
-        for i in range(count):
-            device = 1000 + i % DEVICES
-            ts = BASE_TS + i * 0.001
-            pub.publish(f"flespi/state/gw/devices/{device}/telemetry/counter", i, ts, retain=True)
-            last[device] = i
-            pub.publish(
-                f"flespi/message/gw/devices/{device}",
-                {"ident": str(device), "timestamp": ts, "seq": i},
-                ts,
-            )
-            if pace:
-                time.sleep(pace)
-    finally:
-        pub.close()
-        done.set()
-    return last
 
 
 @pytest.mark.slow

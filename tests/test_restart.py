@@ -11,35 +11,14 @@ import time
 import pytest
 
 from mirror.database import create_engine
-from tests.helpers import Publisher, daemon_process, query, stop_process, wait_for_log
-
-DEVICES = 20
-
-
-def publish_stream(
-    url: str, count: int, done: threading.Event, pace: float
-) -> dict[tuple[int, str], int]:
-    """Telemetry (state) and device messages (history); returns the last value per key."""
-    pub = Publisher(url)
-    last: dict[tuple[int, str], int] = {}
-    base = 1_731_990_000.0
-    try:
-        for i in range(count):
-            device = 1000 + i % DEVICES
-            ts = base + i * 0.001
-            pub.publish(f"flespi/state/gw/devices/{device}/telemetry/counter", i, ts, retain=True)
-            last[(device, "counter")] = i
-            pub.publish(
-                f"flespi/message/gw/devices/{device}",
-                {"ident": str(device), "timestamp": ts, "seq": i},
-                ts,
-            )
-            if pace:
-                time.sleep(pace)
-    finally:
-        pub.close()
-        done.set()
-    return last
+from tests.helpers import (
+    Publisher,
+    daemon_process,
+    publish_pairs,
+    query,
+    stop_process,
+    wait_for_log,
+)
 
 
 async def wait_for_counts(engine, expected_messages: int, timeout: float) -> None:
@@ -52,19 +31,15 @@ async def wait_for_counts(engine, expected_messages: int, timeout: float) -> Non
     raise AssertionError(f"only {n} of {expected_messages} device messages mirrored")
 
 
-async def check_mirror(
-    database_url: str, schema: str, messages: int, last: dict[tuple[int, str], int]
-) -> None:
+async def check_mirror(database_url: str, schema: str, messages: int, last: dict[int, int]) -> None:
     engine = create_engine(database_url, schema)
     try:
         await wait_for_counts(engine, messages, timeout=60)
         rows = await query(engine, "SELECT payload->>'seq' FROM device_messages")
         seqs = sorted(int(r[0]) for r in rows)
         assert seqs == list(range(messages)), "lost or duplicated device messages"
-        state = {
-            (d, n): int(v)
-            for d, n, v in await query(engine, "SELECT device_id, name, value::text FROM telemetry")
-        }
+        rows = await query(engine, "SELECT device_id, value::text FROM telemetry")
+        state = {d: int(v) for d, v in rows}
         assert state == last, "telemetry is not the last value published per key"
         assert await query(engine, "SELECT count(*) FROM dead_letters") == [(0,)]
     finally:
@@ -80,9 +55,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_stores_history_once(
     wait_for_log(log, "subscribed to")
     messages = 1500
     done = threading.Event()
-    result: dict[str, dict[tuple[int, str], int]] = {}
+    result: dict[str, dict[int, int]] = {}
     thread = threading.Thread(
-        target=lambda: result.update(last=publish_stream(broker.url, messages, done, 0.002))
+        target=lambda: result.update(last=publish_pairs(broker.url, messages, done, 0.002))
     )
     thread.start()
     rng = random.Random(7)
@@ -109,9 +84,9 @@ async def test_sigterm_commits_what_is_in_hand_and_exits_zero(
     proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
     wait_for_log(log, "subscribed to")
     done = threading.Event()
-    result: dict[str, dict[tuple[int, str], int]] = {}
+    result: dict[str, dict[int, int]] = {}
     thread = threading.Thread(
-        target=lambda: result.update(last=publish_stream(broker.url, 400, done, 0))
+        target=lambda: result.update(last=publish_pairs(broker.url, 400, done, 0))
     )
     thread.start()
     await asyncio.sleep(0.3)  # mid-stream
