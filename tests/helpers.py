@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +296,32 @@ def publish_pairs(
         pub.close()
         done.set()
     return last
+
+
+class KilledDaemon:
+    """`flespi-mirror run` that a test SIGKILLs at random moments and starts again."""
+
+    def __init__(self, broker_url: str, database_url: str, schema: str, log_path: Path) -> None:
+        self.args = (broker_url, database_url, schema)
+        self.log_path = log_path
+        self.kills = 0
+        self.restart_seconds: list[float] = []
+        self.process = daemon_process(*self.args, log_path=log_path)
+        wait_for_log(log_path, "subscribed to")
+
+    async def kill_while(
+        self, streaming: Callable[[], bool], *, at_least: int, rng: Any, pause: tuple[float, float]
+    ) -> None:
+        """Kill and restart after random pauses while ``streaming()``, and ``at_least`` times."""
+        while streaming() or self.kills < at_least:
+            await asyncio.sleep(rng.uniform(*pause))
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+            self.kills += 1
+            started = time.monotonic()
+            self.process = daemon_process(*self.args, log_path=self.log_path)
+            wait_for_log(self.log_path, "subscribed to", count=self.kills + 1)
+            self.restart_seconds.append(time.monotonic() - started)
+
+    def stop(self) -> int:
+        return stop_process(self.process)

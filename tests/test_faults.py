@@ -32,6 +32,7 @@ from mirror.testing import (
     record_figures,
 )
 from tests.helpers import (
+    KilledDaemon,
     daemon_process,
     http_get,
     publish_pairs,
@@ -217,9 +218,7 @@ def private_db(private_pg: PrivatePostgres) -> Iterator[str]:
 async def test_five_sigkills_mid_stream_lose_nothing_and_store_history_once(
     broker, database, schema_name, tmp_path
 ):
-    log = tmp_path / "daemon.log"
-    proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-    wait_for_log(log, "subscribed to")
+    daemon = KilledDaemon(broker.url, database.url, schema_name, tmp_path / "daemon.log")
     steps = 3000
     done = threading.Event()
     result: dict[str, dict[int, int]] = {}
@@ -227,19 +226,10 @@ async def test_five_sigkills_mid_stream_lose_nothing_and_store_history_once(
         target=lambda: result.update(last=publish_pairs(broker.url, steps, done, 0.001))
     )
     thread.start()
-    rng = random.Random(11)
-    kills = 0
-    restarts: list[float] = []
     try:
-        while not done.is_set() or kills < 5:
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            kills += 1
-            started = time.monotonic()
-            proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-            wait_for_log(log, "subscribed to", count=kills + 1)
-            restarts.append(time.monotonic() - started)
+        await daemon.kill_while(
+            lambda: not done.is_set(), at_least=5, rng=random.Random(11), pause=(0.2, 1.0)
+        )
         thread.join()
         published_at = time.monotonic()
         engine = create_engine(database.url, schema_name)
@@ -260,12 +250,12 @@ async def test_five_sigkills_mid_stream_lose_nothing_and_store_history_once(
         finally:
             await engine.dispose()
     finally:
-        stop_process(proc)
-    assert kills >= 5
+        daemon.stop()
+    assert daemon.kills >= 5
     record_figures(
         "daemon_sigkill",
         {
-            "kills": kills,
+            "kills": daemon.kills,
             "published": steps * 2,
             "history_published": steps,
             "history_mirrored": len(seqs),
@@ -273,7 +263,7 @@ async def test_five_sigkills_mid_stream_lose_nothing_and_store_history_once(
             "lost": lost,
             "duplicated": duplicated,
             "stale": stale,
-            "restart_to_subscribed_s_max": round(max(restarts), 2),
+            "restart_to_subscribed_s_max": round(max(daemon.restart_seconds), 2),
             "catch_up_after_last_publish_s": round(max(catch_up, caught_up_after), 2),
         },
     )

@@ -12,6 +12,7 @@ import pytest
 
 from mirror.database import create_engine
 from tests.helpers import (
+    KilledDaemon,
     Publisher,
     daemon_process,
     publish_pairs,
@@ -50,9 +51,7 @@ async def check_mirror(database_url: str, schema: str, messages: int, last: dict
 async def test_sigkill_mid_stream_loses_nothing_and_stores_history_once(
     broker, database, schema_name, tmp_path
 ):
-    log = tmp_path / "daemon.log"
-    proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-    wait_for_log(log, "subscribed to")
+    daemon = KilledDaemon(broker.url, database.url, schema_name, tmp_path / "daemon.log")
     messages = 1500
     done = threading.Event()
     result: dict[str, dict[int, int]] = {}
@@ -60,21 +59,15 @@ async def test_sigkill_mid_stream_loses_nothing_and_stores_history_once(
         target=lambda: result.update(last=publish_pairs(broker.url, messages, done, 0.002))
     )
     thread.start()
-    rng = random.Random(7)
-    kills = 0
     try:
-        while not done.is_set() or kills < 3:
-            await asyncio.sleep(rng.uniform(0.3, 1.2))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            kills += 1
-            proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-            wait_for_log(log, "subscribed to", count=kills + 1)
+        await daemon.kill_while(
+            lambda: not done.is_set(), at_least=3, rng=random.Random(7), pause=(0.3, 1.2)
+        )
         thread.join()
         await check_mirror(database.url, schema_name, messages, result["last"])
     finally:
-        stop_process(proc)
-    assert kills >= 3
+        daemon.stop()
+    assert daemon.kills >= 3
 
 
 async def test_sigterm_commits_what_is_in_hand_and_exits_zero(

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from mirror.database import create_engine
-from tests.helpers import ROOT, daemon_process, query, stop_process, wait_for_log
+from tests.helpers import ROOT, KilledDaemon, query
 
 pytestmark = pytest.mark.slow
 
@@ -82,25 +81,17 @@ def expected_from(seen: list[tuple[str, bytes, float]]):
 async def test_simulate_streams_through_five_sigkills_and_the_mirror_equals_the_witness(
     broker, database, schema_name, tmp_path
 ):
-    log = tmp_path / "daemon.log"
-    proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-    wait_for_log(log, "subscribed to")
+    daemon = KilledDaemon(broker.url, database.url, schema_name, tmp_path / "daemon.log")
     witness = Witness(broker.url)
     simulate = subprocess.Popen(
         [sys.executable, "-m", "mirror.cli", "simulate", "--mqtt-url", broker.url,
          "--devices", "20", "--rate", "1500", "--duration", "8", "--seed", "3"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    rng = random.Random(5)
-    kills = 0
     try:
-        while simulate.poll() is None or kills < 5:
-            await asyncio.sleep(rng.uniform(0.3, 1.2))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            kills += 1
-            proc = daemon_process(broker.url, database.url, schema_name, log_path=log)
-            wait_for_log(log, "subscribed to", count=kills + 1)
+        await daemon.kill_while(
+            lambda: simulate.poll() is None, at_least=5, rng=random.Random(5), pause=(0.3, 1.2)
+        )
         assert simulate.wait(60) == 0, simulate.stdout.read().decode() if simulate.stdout else ""
         seen = await asyncio.to_thread(witness.settled)
         telemetry, devices, channels = expected_from(seen)
@@ -126,8 +117,8 @@ async def test_simulate_streams_through_five_sigkills_and_the_mirror_equals_the_
     finally:
         if simulate.poll() is None:
             simulate.kill()
-        stop_process(proc)
-    assert kills >= 5 and len(seen) > 5000
-    print(f"[figures] simulate_sigkill: kills={kills} witnessed={len(seen)} "
+        daemon.stop()
+    assert daemon.kills >= 5 and len(seen) > 5000
+    print(f"[figures] simulate_sigkill: kills={daemon.kills} witnessed={len(seen)} "
           f"device_messages={len(devices)} channel_messages={len(channels)} "
           f"telemetry_keys={len(telemetry)} lost=0 duplicated=0 stale=0")  # fmt: skip
