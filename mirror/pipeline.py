@@ -21,10 +21,7 @@ from mirror import metrics, partitions
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
-from mirror.records import (
-    Reason,
-    Rejection,
-)
+from mirror.records import Inbound, Reason, Record, Rejection
 from mirror.snapshot import SnapshotCoordinator
 from mirror.source import MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult, is_retryable
@@ -238,7 +235,7 @@ class Mirror:
     def _observe(
         self,
         batch: Sequence[Received],
-        decoded: Sequence[tuple[object, object]],
+        decoded: Sequence[tuple[Inbound, Record | Rejection]],
         plan: WritePlan,
         result: WriteResult,
         now: float,
@@ -248,11 +245,10 @@ class Mirror:
         self.update_gauges()
         metrics.SUPERSEDED.inc(plan.superseded)
         families: dict[tuple[str, int], int] = {}
-        for message, (_inbound, record) in zip(batch, decoded, strict=True):
-            family = str(record.family)  # type: ignore[attr-defined]
-            key = (family, message.qos)
+        for inbound, record in decoded:
+            key = (str(record.family), inbound.qos)
             families[key] = families.get(key, 0) + 1
-            stamp = message.inbound.properties.get("timestamp")
+            stamp = inbound.properties.get("timestamp")
             if stamp is not None and not isinstance(record, Rejection):
                 with contextlib.suppress(ValueError):
                     metrics.LAG.observe(max(0.0, now - float(stamp)))
