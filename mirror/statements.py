@@ -336,27 +336,31 @@ def _split(rows: Sequence[Any], field_name: str) -> tuple[list[Any], list[Any]]:
     return updates, deletions
 
 
-def _keyed_ops(
-    spec: _KeyedState, rows: Sequence[Any], field_name: str, key_getters: dict[str, Any]
+def _state_ops(
+    table: str,
+    rows: Sequence[Any],
+    field_name: str,
+    keys: dict[str, Any],
+    values: dict[str, Any],
 ) -> list[tuple[str, str, dict[str, list[Any]]]]:
+    """Deletions (``field_name`` None: keys and ts), then upserts (keys, ``values``, ts and
+    received_at) of one state table."""
     updates, deletions = _split(rows, field_name)
     ops = []
     if deletions:
-        ops.append((spec.table, "delete", _columns(deletions, **key_getters, ts=_ts)))
+        ops.append((table, "delete", _columns(deletions, **keys, ts=_ts)))
     if updates:
-        params = _columns(
-            updates,
-            **key_getters,
-            v=lambda r: getattr(r, field_name),
-            ts=_ts,
-            received_at=lambda r: r.received_at,
-        )
-        ops.append((spec.table, "upsert", params))
+        params = _columns(updates, **keys, **values, ts=_ts, received_at=_received_at)
+        ops.append((table, "upsert", params))
     return ops
 
 
 def _ts(r: Any) -> float:
     return float(r.ts)
+
+
+def _received_at(r: Any) -> float:
+    return float(r.received_at)
 
 
 def _object_key(r: ObjectUpdate | ObjectPropertyUpdate) -> tuple[str, str, int]:
@@ -365,64 +369,28 @@ def _object_key(r: ObjectUpdate | ObjectPropertyUpdate) -> tuple[str, str, int]:
 
 def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]]]]:
     """The statements a plan needs, in a fixed table order (so writers lock alike)."""
+    device_name = {"device_id": lambda r: r.device_id, "name": lambda r: r.name}
+    obj_keys = {"api": lambda r: r.api, "origin": lambda r: r.origin, "id": lambda r: r.object_id}
     ops: list[tuple[str, str, dict[str, list[Any]]]] = []
-    ops += _keyed_ops(
-        TELEMETRY,
-        plan.telemetry,
-        "value",
-        {"device_id": lambda r: r.device_id, "name": lambda r: r.name},
+    ops += _state_ops("telemetry", plan.telemetry, "value", device_name, {"v": lambda r: r.value})
+    ops += _state_ops(
+        "device_settings", plan.settings, "value", device_name, {"v": lambda r: r.value}
     )
-    ops += _keyed_ops(
-        SETTINGS,
-        plan.settings,
-        "value",
-        {"device_id": lambda r: r.device_id, "name": lambda r: r.name},
-    )
-    ops += _keyed_ops(
-        PLUGIN_CONFIGS,
+    ops += _state_ops(
+        "plugin_device_configs",
         plan.plugin_configs,
         "config",
         {"plugin_id": lambda r: r.plugin_id, "device_id": lambda r: r.device_id},
+        {"v": lambda r: r.config},
     )
-    obj_keys = {"api": lambda r: r.api, "origin": lambda r: r.origin, "id": lambda r: r.object_id}
-    objects_up, objects_gone = _split(plan.objects, "props")
-    if objects_gone:
-        ops.append(("objects", "delete", _columns(objects_gone, **obj_keys, ts=_ts)))
-    if objects_up:
-        ops.append(
-            (
-                "objects",
-                "upsert",
-                _columns(
-                    objects_up,
-                    **obj_keys,
-                    props=lambda r: r.props,
-                    ts=_ts,
-                    received_at=lambda r: r.received_at,
-                ),
-            )
-        )
-    props_up, props_gone = _split(plan.object_properties, "value")
-    path = {"path": lambda r: json.dumps(list(r.path))}
-    if props_gone:
-        ops.append(
-            ("object_properties", "delete", _columns(props_gone, **obj_keys, **path, ts=_ts))
-        )
-    if props_up:
-        ops.append(
-            (
-                "object_properties",
-                "upsert",
-                _columns(
-                    props_up,
-                    **obj_keys,
-                    **path,
-                    value=lambda r: r.value,
-                    ts=_ts,
-                    received_at=lambda r: r.received_at,
-                ),
-            )
-        )
+    ops += _state_ops("objects", plan.objects, "props", obj_keys, {"props": lambda r: r.props})
+    ops += _state_ops(
+        "object_properties",
+        plan.object_properties,
+        "value",
+        {**obj_keys, "path": lambda r: json.dumps(list(r.path))},
+        {"value": lambda r: r.value},
+    )
     touched = sorted(
         {_object_key(r) for r in plan.objects} | {_object_key(r) for r in plan.object_properties}
     )
@@ -438,33 +406,24 @@ def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]
                 },
             )
         )
-    interval_keys = {
-        "calc_id": lambda r: r.calc_id,
-        "device_id": lambda r: r.device_id,
-        "interval_key": lambda r: r.interval_key,
-    }
-    intervals_up, intervals_gone = _split(plan.intervals, "data")
-    if intervals_gone:
-        ops.append(("intervals", "delete", _columns(intervals_gone, **interval_keys, ts=_ts)))
-    if intervals_up:
-        ops.append(
-            (
-                "intervals",
-                "upsert",
-                _columns(
-                    intervals_up,
-                    **interval_keys,
-                    interval_id=lambda r: r.interval_id,
-                    begin=lambda r: r.begin,
-                    end_ts=lambda r: r.end,
-                    duration=lambda r: r.duration,
-                    event=lambda r: r.event,
-                    data=lambda r: r.data,
-                    ts=_ts,
-                    received_at=lambda r: r.received_at,
-                ),
-            )
-        )
+    ops += _state_ops(
+        "intervals",
+        plan.intervals,
+        "data",
+        {
+            "calc_id": lambda r: r.calc_id,
+            "device_id": lambda r: r.device_id,
+            "interval_key": lambda r: r.interval_key,
+        },
+        {
+            "interval_id": lambda r: r.interval_id,
+            "begin": lambda r: r.begin,
+            "end_ts": lambda r: r.end,
+            "duration": lambda r: r.duration,
+            "event": lambda r: r.event,
+            "data": lambda r: r.data,
+        },
+    )
     if plan.device_messages:
         ops.append(
             (
@@ -478,7 +437,7 @@ def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]
                     server_ts=lambda r: r.server_ts,
                     ident=lambda r: r.ident,
                     payload=lambda r: r.payload,
-                    received_at=lambda r: r.received_at,
+                    received_at=_received_at,
                 ),
             )
         )
@@ -495,7 +454,7 @@ def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]
                     digest=lambda r: r.digest,
                     server_ts=lambda r: r.server_ts,
                     payload=lambda r: r.payload,
-                    received_at=lambda r: r.received_at,
+                    received_at=_received_at,
                 ),
             )
         )
@@ -511,7 +470,7 @@ def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]
                     ts=_ts,
                     digest=lambda r: r.digest,
                     payload=lambda r: r.payload,
-                    received_at=lambda r: r.received_at,
+                    received_at=_received_at,
                 ),
             )
         )
