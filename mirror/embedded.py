@@ -46,13 +46,6 @@ class EmbeddedPostgres:
             log.info("created database %s in the embedded PostgreSQL at %s", name, self.pgdata)
         return admin.replace("/postgres?", f"/{name}?", 1)
 
-    @property
-    def pid(self) -> int | None:
-        if self._server is None:
-            return None
-        pid = self._server.get_pid()
-        return int(pid) if pid is not None else None
-
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()

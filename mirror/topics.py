@@ -322,18 +322,6 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def classify(topic: str) -> Family:
-    """The family a topic belongs to by shape alone (for metrics), ``UNKNOWN`` if none."""
-    segments = topic.split("/")
-    for route in ROUTES:
-        try:
-            if route.match(segments) is not None:
-                return route.family
-        except Invalid:
-            return route.family
-    return Family.UNKNOWN
-
-
 def decode(msg: Inbound, max_payload_bytes: int = 1024 * 1024) -> Record | Rejection:
     """Turn one received message into a record, or a rejection saying why. Never raises."""
     segments = msg.topic.split("/")

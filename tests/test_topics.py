@@ -24,7 +24,6 @@ from mirror.records import (
     TelemetryUpdate,
 )
 from mirror.topics import (
-    classify,
     decode,
 )
 
@@ -229,13 +228,6 @@ def test_payload_over_the_limit_is_rejected_before_parsing():
 def test_unicode_text_and_surrogate_pairs_are_fine():
     result = decode(msg("flespi/state/gw/devices/1/telemetry/x", '"Vilnius \\ud83d\\ude9a ąž"'))
     assert isinstance(result, TelemetryUpdate)
-
-
-def test_classify_by_shape():
-    assert classify("flespi/state/gw/devices/1/telemetry/x") == Family.TELEMETRY
-    assert classify("flespi/state/gw/devices/x/telemetry/x") == Family.TELEMETRY
-    assert classify("flespi/message/gw/channels/1/abc") == Family.CHANNEL_MESSAGE
-    assert classify("nope") == Family.UNKNOWN
 
 
 TOPIC_PARTS = st.sampled_from(
