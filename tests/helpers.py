@@ -29,6 +29,16 @@ from mirror.pipeline import Mirror
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The alerts both deploy/prometheus/alerts.yaml and the chart's PrometheusRule must define.
+EXPECTED_ALERTS = {
+    "FlespiMirrorDown",
+    "FlespiMirrorNotReady",
+    "FlespiMirrorLagHigh",
+    "FlespiMirrorDeadLettersRising",
+    "FlespiMirrorNoCommits",
+    "FlespiMirrorReconnectStorm",
+}
+
 
 def encode(value: Any) -> bytes:
     if isinstance(value, bytes):

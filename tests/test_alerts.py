@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import promtool, registry_series_names
+from tests.helpers import EXPECTED_ALERTS, promtool, registry_series_names
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -29,15 +29,6 @@ FILE_SELECTOR = 'job="flespi-mirror"'
 RELEASE = "flespi-mirror"  # so the chart's fullname, hence its job label, is "flespi-mirror"
 NAMESPACE = "monitoring"
 CHART_SELECTOR = f'job="{RELEASE}",namespace="{NAMESPACE}"'
-
-EXPECTED_ALERTS = {
-    "FlespiMirrorDown",
-    "FlespiMirrorNotReady",
-    "FlespiMirrorLagHigh",
-    "FlespiMirrorDeadLettersRising",
-    "FlespiMirrorNoCommits",
-    "FlespiMirrorReconnectStorm",
-}
 
 _RENDER = r"""
 import json, os, sys

@@ -29,6 +29,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.helpers import EXPECTED_ALERTS
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "helm" / "flespi-mirror"
 CI_DIR = CHART_DIR / "ci"
@@ -637,14 +639,6 @@ def test_without_the_migration_job_the_daemon_migrates_itself() -> None:
 # Monitoring
 
 
-EXPECTED_ALERTS = {
-    "FlespiMirrorDown",
-    "FlespiMirrorNotReady",
-    "FlespiMirrorLagHigh",
-    "FlespiMirrorDeadLettersRising",
-    "FlespiMirrorNoCommits",
-    "FlespiMirrorReconnectStorm",
-}
 PROMETHEUS_DURATION = re.compile(r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$")
 
 
