@@ -1,11 +1,11 @@
-"""The services a scenario starts for itself: a Mosquitto (mirror.testing) and a PostgreSQL.
+"""The services a scenario starts for itself: a Mosquitto (tests/launchers.py) and a PostgreSQL.
 
 PostgreSQL is a private cluster of this machine's PostgreSQL binaries (``initdb`` + ``pg_ctl``) in
 a temporary directory on a free port, so that a scenario measures against a server nobody else
 is using (the machine's shared server on 5432 also runs other people's test suites), and so the
 memory scenario can stop and restart it for a database outage. As root, the server runs as user
 ``postgres`` via ``runuser``. When no binaries are found, the scenario falls back to
-:func:`mirror.testing.fresh_database` (the machine's server, or an embedded one) and says so; the
+:func:`tests.launchers.fresh_database` (the machine's server, or an embedded one) and says so; the
 outage scenario then cannot run.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mirror.testing import MosquittoBroker, free_port, fresh_database
+from tests.launchers import MosquittoBroker, free_port, fresh_database
 
 
 def _pg_bindir() -> Path | None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mirror.testing import MosquittoBroker, TestDatabase, fresh_database
+from tests.launchers import MosquittoBroker, TestDatabase, fresh_database
 
 
 @pytest.fixture(scope="session")

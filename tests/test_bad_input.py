@@ -21,11 +21,11 @@ from mirror.records import (
     Inbound,
     Rejection,
 )
-from mirror.testing import publish_many, record_figures
 from mirror.topics import (
     decode,
 )
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
+from tests.launchers import publish_many, record_figures
 
 TS = 1_731_990_000.0
 MAX_PAYLOAD = 1024

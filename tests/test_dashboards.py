@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mirror.config import sqlalchemy_url
 from mirror.simulate import SimulationOptions, run_simulation
-from mirror.testing import MosquittoBroker, TestDatabase
 from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import (
     promtool,
@@ -36,6 +35,7 @@ from tests.helpers import (
     settings_for,
     settle,
 )
+from tests.launchers import MosquittoBroker, TestDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"

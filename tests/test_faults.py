@@ -23,14 +23,6 @@ import pytest
 
 from mirror.config import asyncpg_connect_kwargs
 from mirror.database import create_engine
-from mirror.testing import (
-    MosquittoBroker,
-    PrivatePostgres,
-    TcpProxy,
-    free_port,
-    publish_many,
-    record_figures,
-)
 from tests.helpers import (
     KilledDaemon,
     daemon_process,
@@ -39,6 +31,14 @@ from tests.helpers import (
     query,
     stop_process,
     wait_for_log,
+)
+from tests.launchers import (
+    MosquittoBroker,
+    PrivatePostgres,
+    TcpProxy,
+    free_port,
+    publish_many,
+    record_figures,
 )
 
 BASE_TS = 1_731_990_000.0

@@ -21,8 +21,8 @@ from mirror import __version__
 from mirror.database import create_engine
 from mirror.metrics import Health, MetricsServer
 from mirror.pipeline import Mirror
-from mirror.testing import MosquittoBroker, TestDatabase
 from tests.helpers import promtool, publisher, running_mirror, settings_for, settle
+from tests.launchers import MosquittoBroker, TestDatabase
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -17,15 +17,6 @@ import pytest
 
 from mirror.config import ConfigError, Secret, Settings
 from mirror.database import create_engine
-from mirror.testing import (
-    ConfiguredMosquittoBroker,
-    MosquittoBroker,
-    TestCertificates,
-    TlsMosquittoBroker,
-    free_port,
-    make_test_certificates,
-    record_figures,
-)
 from tests.helpers import (
     ROOT,
     daemon_process,
@@ -34,6 +25,15 @@ from tests.helpers import (
     publisher,
     stop_process,
     wait_for_log,
+)
+from tests.launchers import (
+    ConfiguredMosquittoBroker,
+    MosquittoBroker,
+    TestCertificates,
+    TlsMosquittoBroker,
+    free_port,
+    make_test_certificates,
+    record_figures,
 )
 
 

@@ -17,8 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mirror.simulate import SimulationOptions, SimulationReport, run_simulation
-from mirror.testing import MosquittoBroker, free_port
 from mirror.traffic import FAMILIES
+from tests.launchers import MosquittoBroker, free_port
 
 
 @dataclass(frozen=True)

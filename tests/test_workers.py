@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from mirror.database import create_engine
-from mirror.testing import free_port
 from tests.helpers import Publisher, daemon_process, http_get, query, stop_process, wait_for_log
+from tests.launchers import free_port
 
 pytestmark = pytest.mark.slow
 BASE_TS = 1_731_990_000.0
