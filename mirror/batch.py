@@ -12,20 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.records import (
-    ChannelMessage,
-    DeviceMessage,
-    Inbound,
-    IntervalEvent,
-    ModemMessage,
-    ObjectPropertyUpdate,
-    ObjectUpdate,
-    PluginConfigUpdate,
-    Record,
-    Rejection,
-    SettingUpdate,
-    TelemetryUpdate,
-)
+from mirror.families import FAMILIES, FAMILY_OF_RECORD, AppendWrites
+from mirror.records import Inbound, Record, Rejection
+
+# Tables in declaration order: the order a plan is written in, so writers lock alike.
+_TABLE_ORDER = {spec.table: i for i, spec in enumerate(FAMILIES)}
+_HISTORY = tuple(spec.record for spec in FAMILIES if isinstance(spec.writes, AppendWrites))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +28,10 @@ class DeadLetter:
 
 @dataclass
 class WritePlan:
-    """Everything one transaction writes, grouped by table, each list sorted by key."""
+    """Everything one transaction writes, grouped by table (in ``FAMILIES`` order), each list
+    sorted by key."""
 
-    telemetry: list[TelemetryUpdate] = field(default_factory=list)
-    settings: list[SettingUpdate] = field(default_factory=list)
-    plugin_configs: list[PluginConfigUpdate] = field(default_factory=list)
-    objects: list[ObjectUpdate] = field(default_factory=list)
-    object_properties: list[ObjectPropertyUpdate] = field(default_factory=list)
-    intervals: list[IntervalEvent] = field(default_factory=list)
-    device_messages: list[DeviceMessage] = field(default_factory=list)
-    channel_messages: list[ChannelMessage] = field(default_factory=list)
-    modem_messages: list[ModemMessage] = field(default_factory=list)
+    tables: dict[str, list[Record]] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     superseded: int = 0  # records dropped because a newer one for the same key was in the batch
     # The received message behind each record kept (by id of the record), so a record the
@@ -54,26 +39,19 @@ class WritePlan:
     origins: dict[int, Inbound] = field(default_factory=dict)
 
     def add(self, record: Record) -> None:
-        rows: list[Record] = getattr(self, _PLAN_FIELD[type(record)])
-        rows.append(record)
+        table = FAMILY_OF_RECORD[type(record)].table
+        if table not in self.tables:
+            self.tables[table] = []
+            self.tables = dict(sorted(self.tables.items(), key=lambda t: _TABLE_ORDER[t[0]]))
+        self.tables[table].append(record)
+
+    def rows(self, table: str) -> list[Record]:
+        """The records a table gets (an empty list when none)."""
+        return self.tables.get(table, [])
 
     def records(self) -> list[Record]:
         """Every record of the plan, table by table."""
-        return [r for name in _PLAN_FIELD.values() for r in getattr(self, name)]
-
-
-_PLAN_FIELD: dict[type, str] = {
-    TelemetryUpdate: "telemetry",
-    SettingUpdate: "settings",
-    PluginConfigUpdate: "plugin_configs",
-    ObjectUpdate: "objects",
-    ObjectPropertyUpdate: "object_properties",
-    IntervalEvent: "intervals",
-    DeviceMessage: "device_messages",
-    ChannelMessage: "channel_messages",
-    ModemMessage: "modem_messages",
-}
-_HISTORY = (DeviceMessage, ChannelMessage, ModemMessage)
+        return [r for rows in self.tables.values() for r in rows]
 
 
 def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan:

@@ -64,6 +64,7 @@ class TelemetryUpdate:
     value: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.TELEMETRY
 
     @property
@@ -85,6 +86,7 @@ class SettingUpdate:
     value: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.SETTING
 
     @property
@@ -99,6 +101,7 @@ class PluginConfigUpdate:
     config: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.PLUGIN_CONFIG
 
     @property
@@ -116,6 +119,7 @@ class ObjectUpdate:
     props: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.OBJECT
 
     @property
@@ -134,6 +138,7 @@ class ObjectPropertyUpdate:
     value: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.OBJECT_PROPERTY
 
     @property
@@ -160,6 +165,7 @@ class IntervalEvent:
     data: str | None
     ts: float
     received_at: float
+    cid: int | None = None
     family = Family.INTERVAL
 
     @property
@@ -176,6 +182,7 @@ class DeviceMessage:
     payload: str
     digest: bytes
     received_at: float
+    cid: int | None = None
     family = Family.DEVICE_MESSAGE
 
     @property
@@ -192,6 +199,7 @@ class ChannelMessage:
     payload: str
     digest: bytes
     received_at: float
+    cid: int | None = None
     family = Family.CHANNEL_MESSAGE
 
     @property
@@ -207,6 +215,7 @@ class ModemMessage:
     payload: str
     digest: bytes
     received_at: float
+    cid: int | None = None
     family = Family.MODEM_MESSAGE
 
     @property

@@ -2,290 +2,365 @@
 
 One multi-row statement per table and operation (``INSERT … SELECT FROM unnest(…)``), with the
 newest-wins guard in SQL (``WHERE cur.ts <= EXCLUDED.ts``) and tombstones so that a deletion is
-not undone by an older update. Statement text is fixed at import: values travel only as bound
-array parameters, never as SQL text. Tables are unqualified; the connection's ``search_path``
-selects the mirror's schema. Pure: no connection here (``store.py`` executes).
+not undone by an older update. Most statements are generated from the ``writes`` each family
+declares in ``families.py``; objects and their properties have hand-written ones (registered in
+``CUSTOM``). Statement text is fixed at import: values travel only as bound array parameters,
+never as SQL text. Tables are unqualified; the connection's ``search_path`` selects the mirror's
+schema. Pure: no connection here (``store.py`` executes).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import TextClause, text
 
 from mirror.batch import DeadLetter, WritePlan
-from mirror.records import ObjectPropertyUpdate, ObjectUpdate
+from mirror.families import (
+    FAMILIES,
+    AppendWrites,
+    Col,
+    CustomWrites,
+    Kind,
+    StateWrites,
+)
+from mirror.records import ObjectPropertyUpdate, ObjectUpdate, Record
 
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 
+Params: TypeAlias = dict[str, list[Any]]
+Operation: TypeAlias = tuple[str, str, Params]  # (table, operation, bound arrays)
+
+_TS = Col("ts", Kind.TIME)
+_RECEIVED = Col("received_at", Kind.TIME)
+
 
 # ---------------------------------------------------------------------------------------------
-# Statements
+# Generated statements
+
+
+def _array_type(kind: Kind) -> str:
+    return {Kind.JSON: "text", Kind.TIME: "float8"}.get(kind, str(kind))
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def _expr(col: Col, alias: str = "u") -> str:
+    """The SQL value stored for a column, read from the unnest row ``alias``."""
+    ref = f"{alias}.{_q(col.name)}"
+    if col.kind == Kind.JSON:
+        return f"{ref}::jsonb"
+    if col.kind == Kind.TIME:
+        return f"to_timestamp({ref})"
+    return ref
+
+
+def _unnest(cols: Sequence[Col], alias: str = "u") -> str:
+    args = ", ".join(f"CAST(:{c.name} AS {_array_type(c.kind)}[])" for c in cols)
+    return f"unnest({args}) AS {alias}({', '.join(_q(c.name) for c in cols)})"
+
+
+def _names(cols: Sequence[Col]) -> str:
+    return ", ".join(_q(c.name) for c in cols)
+
+
+def _key_match(keys: Sequence[Col], left: str, right: str) -> str:
+    return " AND ".join(f"{left}.{_q(c.name)} = {right}.{_q(c.name)}" for c in keys)
+
+
+def state_upsert(table: str, w: StateWrites) -> TextClause:
+    cols = (*w.keys, *w.values, _TS, _RECEIVED)
+    updates = ", ".join(f"{_q(c.name)} = EXCLUDED.{_q(c.name)}" for c in cols[len(w.keys) :])
+    return text(
+        f"""
+        INSERT INTO {table} AS cur ({_names(cols)})
+        SELECT {", ".join(_expr(c) for c in cols)}
+        FROM {_unnest(cols)}
+        WHERE NOT EXISTS (
+            SELECT 1 FROM {table}_tombstones tb
+            WHERE {_key_match(w.keys, "tb", "u")} AND tb.ts > to_timestamp(u.ts))
+        ON CONFLICT ({_names(w.keys)}) DO UPDATE SET {updates}
+        WHERE cur.ts <= EXCLUDED.ts
+        """
+    )
+
+
+def state_delete(table: str, w: StateWrites) -> TextClause:
+    return text(
+        f"""
+        WITH gone AS (
+            SELECT * FROM {_unnest((*w.keys, _TS))}
+        ), marked AS (
+            INSERT INTO {table}_tombstones AS tb ({_names(w.keys)}, ts)
+            SELECT {_names(w.keys)}, to_timestamp(ts) FROM gone
+            ON CONFLICT ({_names(w.keys)}) DO UPDATE SET ts = EXCLUDED.ts
+            WHERE tb.ts < EXCLUDED.ts
+        )
+        DELETE FROM {table} cur USING gone
+        WHERE {_key_match(w.keys, "cur", "gone")} AND cur.ts <= to_timestamp(gone.ts)
+        """
+    )
+
+
+def append(table: str, w: AppendWrites) -> TextClause:
+    return text(
+        f"""
+        INSERT INTO {table} ({_names(w.columns)})
+        SELECT {", ".join(_expr(c) for c in w.columns)}
+        FROM {_unnest(w.columns)}
+        ON CONFLICT DO NOTHING
+        """
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan → parameters
+
+
+def _columns(rows: Sequence[Any], cols: Sequence[Col]) -> Params:
+    return {c.name: [getattr(r, c.source) for r in rows] for c in cols}
+
+
+def _state_ops(table: str, w: StateWrites, rows: Sequence[Record]) -> list[Operation]:
+    """Deletions (``present`` None: keys and ts), then upserts."""
+    deletions = [r for r in rows if getattr(r, w.present) is None]
+    updates = [r for r in rows if getattr(r, w.present) is not None]
+    ops: list[Operation] = []
+    if deletions:
+        ops.append((table, "delete", _columns(deletions, (*w.keys, _TS))))
+    if updates:
+        ops.append((table, "upsert", _columns(updates, (*w.keys, *w.values, _TS, _RECEIVED))))
+    return ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects and their properties: hand-written statements
+
+
+_OBJECT_KEYS = (Col("api", Kind.TEXT), Col("origin", Kind.TEXT), Col("id", Kind.ID, "object_id"))
+_PATH = Col("path", Kind.TEXT)  # a JSON array of the levels, unpacked into text[] in SQL
+
+
+class _PathRow:
+    """An object property record seen with its path as JSON text, for the bound arrays."""
+
+    __slots__ = ("path", "record")
+
+    def __init__(self, record: ObjectPropertyUpdate) -> None:
+        self.record = record
+        self.path = json.dumps(list(record.path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.record, name)
+
+
+def _object_key(r: ObjectUpdate | ObjectPropertyUpdate) -> tuple[str, str, int]:
+    return (r.api, r.origin, r.object_id)
+
+
+def _objects_ops(plan: WritePlan) -> list[Operation]:
+    w = StateWrites(_OBJECT_KEYS, (Col("props", Kind.JSON),), "props")
+    return _state_ops("objects", w, plan.rows("objects"))
+
+
+def _object_properties_ops(plan: WritePlan) -> list[Operation]:
+    props = [_PathRow(r) for r in plan.rows("object_properties")]  # type: ignore[arg-type]
+    w = StateWrites((*_OBJECT_KEYS, _PATH), (Col("value", Kind.JSON),), "value")
+    ops = _state_ops("object_properties", w, props)  # type: ignore[arg-type]
+    touched = sorted(
+        {_object_key(r) for r in plan.rows("objects")}  # type: ignore[arg-type]
+        | {_object_key(r.record) for r in props}
+    )
+    if touched:
+        ops.append(
+            (
+                "objects",
+                "merge",
+                {
+                    "api": [k[0] for k in touched],
+                    "origin": [k[1] for k in touched],
+                    "id": [k[2] for k in touched],
+                },
+            )
+        )
+    return ops
 
 
 @dataclass(frozen=True)
-class _KeyedState:
-    """A state table keyed by a few scalar columns with one jsonb value column."""
-
-    table: str
-    keys: tuple[tuple[str, str], ...]  # (column, PostgreSQL array element type)
-    value: str
-
-    def _unnest(self, extra: Sequence[tuple[str, str]]) -> str:
-        cols = [*self.keys, *extra]
-        args = ", ".join(f"CAST(:{c} AS {t}[])" for c, t in cols)
-        names = ", ".join(c for c, _ in cols)
-        return f"unnest({args}) AS u({names})"
-
-    def _key_match(self, left: str, right: str) -> str:
-        return " AND ".join(f"{left}.{c} = {right}.{c}" for c, _ in self.keys)
-
-    @property
-    def key_list(self) -> str:
-        return ", ".join(c for c, _ in self.keys)
-
-    def upsert(self) -> TextClause:
-        u_keys = ", ".join(f"u.{c}" for c, _ in self.keys)
-        return text(
-            f"""
-            INSERT INTO {self.table} AS cur ({self.key_list}, {self.value}, ts, received_at)
-            SELECT {u_keys}, u.v::jsonb, to_timestamp(u.ts), to_timestamp(u.received_at)
-            FROM {self._unnest([("v", "text"), ("ts", "float8"), ("received_at", "float8")])}
-            WHERE NOT EXISTS (
-                SELECT 1 FROM {self.table}_tombstones tb
-                WHERE {self._key_match("tb", "u")} AND tb.ts > to_timestamp(u.ts))
-            ON CONFLICT ({self.key_list}) DO UPDATE
-            SET {self.value} = EXCLUDED.{self.value}, ts = EXCLUDED.ts,
-                received_at = EXCLUDED.received_at
-            WHERE cur.ts <= EXCLUDED.ts
-            """
-        )
-
-    def delete(self) -> TextClause:
-        return text(
-            f"""
-            WITH gone AS (
-                SELECT * FROM {self._unnest([("ts", "float8")])}
-            ), marked AS (
-                INSERT INTO {self.table}_tombstones AS tb ({self.key_list}, ts)
-                SELECT {self.key_list}, to_timestamp(ts) FROM gone
-                ON CONFLICT ({self.key_list}) DO UPDATE SET ts = EXCLUDED.ts
-                WHERE tb.ts < EXCLUDED.ts
-            )
-            DELETE FROM {self.table} cur USING gone
-            WHERE {self._key_match("cur", "gone")} AND cur.ts <= to_timestamp(gone.ts)
-            """
-        )
+class Custom:
+    statements: dict[str, TextClause]
+    operations: Callable[[WritePlan], list[Operation]]
 
 
-TELEMETRY = _KeyedState("telemetry", (("device_id", "bigint"), ("name", "text")), "value")
-SETTINGS = _KeyedState("device_settings", (("device_id", "bigint"), ("name", "text")), "value")
-PLUGIN_CONFIGS = _KeyedState(
-    "plugin_device_configs", (("plugin_id", "bigint"), ("device_id", "bigint")), "config"
-)
-INTERVAL_KEYS = _KeyedState(
-    "intervals",
-    (("calc_id", "bigint"), ("device_id", "bigint"), ("interval_key", "text")),
-    "data",
-)
-
-STATEMENTS: dict[str, TextClause] = {
-    "telemetry.upsert": TELEMETRY.upsert(),
-    "telemetry.delete": TELEMETRY.delete(),
-    "device_settings.upsert": SETTINGS.upsert(),
-    "device_settings.delete": SETTINGS.delete(),
-    "plugin_device_configs.upsert": PLUGIN_CONFIGS.upsert(),
-    "plugin_device_configs.delete": PLUGIN_CONFIGS.delete(),
-    "intervals.delete": INTERVAL_KEYS.delete(),
-    "intervals.upsert": text(
-        """
-        INSERT INTO intervals AS cur (calc_id, device_id, interval_key, interval_id, begin, "end",
-                                      duration, event, data, ts, received_at)
-        SELECT u.calc_id, u.device_id, u.interval_key, u.interval_id, to_timestamp(u.begin),
-               to_timestamp(u.end_ts), u.duration, u.event, u.data::jsonb, to_timestamp(u.ts),
-               to_timestamp(u.received_at)
-        FROM unnest(CAST(:calc_id AS bigint[]), CAST(:device_id AS bigint[]),
-                    CAST(:interval_key AS text[]), CAST(:interval_id AS bigint[]),
-                    CAST(:begin AS float8[]), CAST(:end_ts AS float8[]),
-                    CAST(:duration AS float8[]), CAST(:event AS text[]), CAST(:data AS text[]),
-                    CAST(:ts AS float8[]), CAST(:received_at AS float8[]))
-             AS u(calc_id, device_id, interval_key, interval_id, begin, end_ts, duration, event,
-                  data, ts, received_at)
-        WHERE NOT EXISTS (
-            SELECT 1 FROM intervals_tombstones tb
-            WHERE tb.calc_id = u.calc_id AND tb.device_id = u.device_id
-              AND tb.interval_key = u.interval_key AND tb.ts > to_timestamp(u.ts))
-        ON CONFLICT (calc_id, device_id, interval_key) DO UPDATE
-        SET interval_id = EXCLUDED.interval_id, begin = EXCLUDED.begin, "end" = EXCLUDED."end",
-            duration = EXCLUDED.duration, event = EXCLUDED.event, data = EXCLUDED.data,
-            ts = EXCLUDED.ts, received_at = EXCLUDED.received_at
-        WHERE cur.ts <= EXCLUDED.ts
-        """
-    ),
-    # Whole objects. A deletion drops the object's property rows of that age or older too; an
-    # object that has newer parts keeps them and only loses its older whole-object payload.
-    "objects.delete": text(
-        """
-        WITH gone AS (
-            SELECT * FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]),
-                                 CAST(:id AS bigint[]), CAST(:ts AS float8[]))
-                   AS u(api, origin, id, ts)
-        ), marked AS (
-            INSERT INTO objects_tombstones AS tb (api, origin, id, ts)
-            SELECT api, origin, id, to_timestamp(ts) FROM gone
-            ON CONFLICT (api, origin, id) DO UPDATE SET ts = EXCLUDED.ts
-            WHERE tb.ts < EXCLUDED.ts
-        ), props_gone AS (
-            DELETE FROM object_properties p USING gone
-            WHERE p.api = gone.api AND p.origin = gone.origin AND p.id = gone.id
-              AND p.ts <= to_timestamp(gone.ts)
-        ), base_gone AS (
-            UPDATE objects o SET base = NULL, base_ts = NULL FROM gone
-            WHERE o.api = gone.api AND o.origin = gone.origin AND o.id = gone.id
-              AND o.ts > to_timestamp(gone.ts) AND o.base_ts <= to_timestamp(gone.ts)
-        )
-        DELETE FROM objects o USING gone
+# Whole objects. A deletion drops the object's property rows of that age or older too; an
+# object that has newer parts keeps them and only loses its older whole-object payload.
+_OBJECTS_DELETE = text(
+    """
+    WITH gone AS (
+        SELECT * FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]),
+                             CAST(:id AS bigint[]), CAST(:ts AS float8[]))
+               AS u(api, origin, id, ts)
+    ), marked AS (
+        INSERT INTO objects_tombstones AS tb (api, origin, id, ts)
+        SELECT api, origin, id, to_timestamp(ts) FROM gone
+        ON CONFLICT (api, origin, id) DO UPDATE SET ts = EXCLUDED.ts
+        WHERE tb.ts < EXCLUDED.ts
+    ), props_gone AS (
+        DELETE FROM object_properties p USING gone
+        WHERE p.api = gone.api AND p.origin = gone.origin AND p.id = gone.id
+          AND p.ts <= to_timestamp(gone.ts)
+    ), base_gone AS (
+        UPDATE objects o SET base = NULL, base_ts = NULL FROM gone
         WHERE o.api = gone.api AND o.origin = gone.origin AND o.id = gone.id
-          AND o.ts <= to_timestamp(gone.ts)
-        """
-    ),
-    "objects.upsert": text(
-        """
-        INSERT INTO objects AS o (api, origin, id, props, base, base_ts, ts, received_at)
-        SELECT u.api, u.origin, u.id, u.props::jsonb, u.props::jsonb, to_timestamp(u.ts),
-               to_timestamp(u.ts), to_timestamp(u.received_at)
+          AND o.ts > to_timestamp(gone.ts) AND o.base_ts <= to_timestamp(gone.ts)
+    )
+    DELETE FROM objects o USING gone
+    WHERE o.api = gone.api AND o.origin = gone.origin AND o.id = gone.id
+      AND o.ts <= to_timestamp(gone.ts)
+    """
+)
+
+
+_OBJECTS_UPSERT = text(
+    """
+    INSERT INTO objects AS o (api, origin, id, props, base, base_ts, ts, received_at)
+    SELECT u.api, u.origin, u.id, u.props::jsonb, u.props::jsonb, to_timestamp(u.ts),
+           to_timestamp(u.ts), to_timestamp(u.received_at)
+    FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
+                CAST(:props AS text[]), CAST(:ts AS float8[]),
+                CAST(:received_at AS float8[])) AS u(api, origin, id, props, ts, received_at)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM objects_tombstones tb
+        WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
+          AND tb.ts > to_timestamp(u.ts))
+    ON CONFLICT (api, origin, id) DO UPDATE
+    SET base = EXCLUDED.base, base_ts = EXCLUDED.base_ts, ts = greatest(o.ts, EXCLUDED.ts),
+        received_at = EXCLUDED.received_at
+    WHERE o.base_ts IS NULL OR o.base_ts <= EXCLUDED.base_ts
+    """
+)
+
+
+_OBJECT_PROPERTIES_DELETE = text(
+    """
+    WITH gone AS (
+        SELECT u.api, u.origin, u.id,
+               ARRAY(SELECT jsonb_array_elements_text(u.path::jsonb)) AS path, u.ts
         FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
-                    CAST(:props AS text[]), CAST(:ts AS float8[]),
-                    CAST(:received_at AS float8[])) AS u(api, origin, id, props, ts, received_at)
+                    CAST(:path AS text[]), CAST(:ts AS float8[]))
+             AS u(api, origin, id, path, ts)
+    ), marked AS (
+        INSERT INTO object_properties_tombstones AS tb (api, origin, id, path, ts)
+        SELECT api, origin, id, path, to_timestamp(ts) FROM gone
+        ON CONFLICT (api, origin, id, path) DO UPDATE SET ts = EXCLUDED.ts
+        WHERE tb.ts < EXCLUDED.ts
+    )
+    DELETE FROM object_properties p USING gone
+    WHERE p.api = gone.api AND p.origin = gone.origin AND p.id = gone.id
+      AND p.path = gone.path AND p.ts <= to_timestamp(gone.ts)
+    """
+)
+
+
+_OBJECT_PROPERTIES_UPSERT = text(
+    """
+    WITH u AS (
+        SELECT x.api, x.origin, x.id,
+               ARRAY(SELECT jsonb_array_elements_text(x.path::jsonb)) AS path,
+               x.value, x.ts, x.received_at
+        FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
+                    CAST(:path AS text[]), CAST(:value AS text[]), CAST(:ts AS float8[]),
+                    CAST(:received_at AS float8[]))
+             AS x(api, origin, id, path, value, ts, received_at)
+    ), live AS (
+        SELECT u.* FROM u
         WHERE NOT EXISTS (
             SELECT 1 FROM objects_tombstones tb
             WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
               AND tb.ts > to_timestamp(u.ts))
-        ON CONFLICT (api, origin, id) DO UPDATE
-        SET base = EXCLUDED.base, base_ts = EXCLUDED.base_ts, ts = greatest(o.ts, EXCLUDED.ts),
-            received_at = EXCLUDED.received_at
-        WHERE o.base_ts IS NULL OR o.base_ts <= EXCLUDED.base_ts
-        """
+          AND NOT EXISTS (
+            SELECT 1 FROM object_properties_tombstones tb
+            WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
+              AND tb.path = u.path AND tb.ts > to_timestamp(u.ts))
+    ), parents AS (
+        INSERT INTO objects (api, origin, id, props, ts, received_at)
+        SELECT DISTINCT ON (api, origin, id) api, origin, id, '{}'::jsonb, to_timestamp(ts),
+               to_timestamp(received_at)
+        FROM live ORDER BY api, origin, id
+        ON CONFLICT (api, origin, id) DO NOTHING
+    )
+    INSERT INTO object_properties AS p (api, origin, id, path, value, ts, received_at)
+    SELECT api, origin, id, path, value::jsonb, to_timestamp(ts), to_timestamp(received_at)
+    FROM live
+    ON CONFLICT (api, origin, id, path) DO UPDATE
+    SET value = EXCLUDED.value, ts = EXCLUDED.ts, received_at = EXCLUDED.received_at
+    WHERE p.ts <= EXCLUDED.ts
+    """
+)
+
+
+# Rebuild props of the objects a plan touched: the whole object, with each property merged
+# in that is newer than it (or that the whole object does not carry). An object known only
+# through properties, whose last property is gone, is dropped.
+_OBJECTS_MERGE = text(
+    """
+    WITH k AS (
+        SELECT * FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]),
+                             CAST(:id AS bigint[])) AS k(api, origin, id)
+    ), emptied AS (
+        DELETE FROM objects o USING k
+        WHERE o.api = k.api AND o.origin = k.origin AND o.id = k.id AND o.base IS NULL
+          AND NOT EXISTS (SELECT 1 FROM object_properties p
+                          WHERE p.api = o.api AND p.origin = o.origin AND p.id = o.id)
+    )
+    UPDATE objects o
+    SET props = object_props(o.api, o.origin, o.id, o.base, o.base_ts),
+        ts = coalesce(greatest(o.base_ts,
+                               (SELECT max(p.ts) FROM object_properties p
+                                WHERE p.api = o.api AND p.origin = o.origin AND p.id = o.id)),
+                      o.ts)
+    FROM k WHERE o.api = k.api AND o.origin = k.origin AND o.id = k.id
+    """
+)
+
+
+CUSTOM: dict[str, Custom] = {
+    "objects": Custom(
+        {"objects.delete": _OBJECTS_DELETE, "objects.upsert": _OBJECTS_UPSERT},
+        _objects_ops,
     ),
-    "object_properties.delete": text(
-        """
-        WITH gone AS (
-            SELECT u.api, u.origin, u.id,
-                   ARRAY(SELECT jsonb_array_elements_text(u.path::jsonb)) AS path, u.ts
-            FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
-                        CAST(:path AS text[]), CAST(:ts AS float8[]))
-                 AS u(api, origin, id, path, ts)
-        ), marked AS (
-            INSERT INTO object_properties_tombstones AS tb (api, origin, id, path, ts)
-            SELECT api, origin, id, path, to_timestamp(ts) FROM gone
-            ON CONFLICT (api, origin, id, path) DO UPDATE SET ts = EXCLUDED.ts
-            WHERE tb.ts < EXCLUDED.ts
-        )
-        DELETE FROM object_properties p USING gone
-        WHERE p.api = gone.api AND p.origin = gone.origin AND p.id = gone.id
-          AND p.path = gone.path AND p.ts <= to_timestamp(gone.ts)
-        """
+    "object_properties": Custom(
+        {
+            "object_properties.delete": _OBJECT_PROPERTIES_DELETE,
+            "object_properties.upsert": _OBJECT_PROPERTIES_UPSERT,
+            "objects.merge": _OBJECTS_MERGE,
+        },
+        _object_properties_ops,
     ),
-    "object_properties.upsert": text(
-        """
-        WITH u AS (
-            SELECT x.api, x.origin, x.id,
-                   ARRAY(SELECT jsonb_array_elements_text(x.path::jsonb)) AS path,
-                   x.value, x.ts, x.received_at
-            FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
-                        CAST(:path AS text[]), CAST(:value AS text[]), CAST(:ts AS float8[]),
-                        CAST(:received_at AS float8[]))
-                 AS x(api, origin, id, path, value, ts, received_at)
-        ), live AS (
-            SELECT u.* FROM u
-            WHERE NOT EXISTS (
-                SELECT 1 FROM objects_tombstones tb
-                WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
-                  AND tb.ts > to_timestamp(u.ts))
-              AND NOT EXISTS (
-                SELECT 1 FROM object_properties_tombstones tb
-                WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
-                  AND tb.path = u.path AND tb.ts > to_timestamp(u.ts))
-        ), parents AS (
-            INSERT INTO objects (api, origin, id, props, ts, received_at)
-            SELECT DISTINCT ON (api, origin, id) api, origin, id, '{}'::jsonb, to_timestamp(ts),
-                   to_timestamp(received_at)
-            FROM live ORDER BY api, origin, id
-            ON CONFLICT (api, origin, id) DO NOTHING
-        )
-        INSERT INTO object_properties AS p (api, origin, id, path, value, ts, received_at)
-        SELECT api, origin, id, path, value::jsonb, to_timestamp(ts), to_timestamp(received_at)
-        FROM live
-        ON CONFLICT (api, origin, id, path) DO UPDATE
-        SET value = EXCLUDED.value, ts = EXCLUDED.ts, received_at = EXCLUDED.received_at
-        WHERE p.ts <= EXCLUDED.ts
-        """
-    ),
-    # Rebuild props of the objects a plan touched: the whole object, with each property merged
-    # in that is newer than it (or that the whole object does not carry). An object known only
-    # through properties, whose last property is gone, is dropped.
-    "objects.merge": text(
-        """
-        WITH k AS (
-            SELECT * FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]),
-                                 CAST(:id AS bigint[])) AS k(api, origin, id)
-        ), emptied AS (
-            DELETE FROM objects o USING k
-            WHERE o.api = k.api AND o.origin = k.origin AND o.id = k.id AND o.base IS NULL
-              AND NOT EXISTS (SELECT 1 FROM object_properties p
-                              WHERE p.api = o.api AND p.origin = o.origin AND p.id = o.id)
-        )
-        UPDATE objects o
-        SET props = object_props(o.api, o.origin, o.id, o.base, o.base_ts),
-            ts = coalesce(greatest(o.base_ts,
-                                   (SELECT max(p.ts) FROM object_properties p
-                                    WHERE p.api = o.api AND p.origin = o.origin AND p.id = o.id)),
-                          o.ts)
-        FROM k WHERE o.api = k.api AND o.origin = k.origin AND o.id = k.id
-        """
-    ),
-    "device_messages.append": text(
-        """
-        INSERT INTO device_messages (device_id, ts, digest, server_ts, ident, payload, received_at)
-        SELECT u.device_id, to_timestamp(u.ts), u.digest, to_timestamp(u.server_ts), u.ident,
-               u.payload::jsonb, to_timestamp(u.received_at)
-        FROM unnest(CAST(:device_id AS bigint[]), CAST(:ts AS float8[]),
-                    CAST(:digest AS bytea[]), CAST(:server_ts AS float8[]),
-                    CAST(:ident AS text[]), CAST(:payload AS text[]),
-                    CAST(:received_at AS float8[]))
-             AS u(device_id, ts, digest, server_ts, ident, payload, received_at)
-        ON CONFLICT DO NOTHING
-        """
-    ),
-    "channel_messages.append": text(
-        """
-        INSERT INTO channel_messages (channel_id, ident, ts, digest, server_ts, payload,
-                                      received_at)
-        SELECT u.channel_id, u.ident, to_timestamp(u.ts), u.digest, to_timestamp(u.server_ts),
-               u.payload::jsonb, to_timestamp(u.received_at)
-        FROM unnest(CAST(:channel_id AS bigint[]), CAST(:ident AS text[]),
-                    CAST(:ts AS float8[]), CAST(:digest AS bytea[]),
-                    CAST(:server_ts AS float8[]), CAST(:payload AS text[]),
-                    CAST(:received_at AS float8[]))
-             AS u(channel_id, ident, ts, digest, server_ts, payload, received_at)
-        ON CONFLICT DO NOTHING
-        """
-    ),
-    "modem_messages.append": text(
-        """
-        INSERT INTO modem_messages (modem_id, phone, ts, digest, payload, received_at)
-        SELECT u.modem_id, u.phone, to_timestamp(u.ts), u.digest, u.payload::jsonb,
-               to_timestamp(u.received_at)
-        FROM unnest(CAST(:modem_id AS bigint[]), CAST(:phone AS text[]), CAST(:ts AS float8[]),
-                    CAST(:digest AS bytea[]), CAST(:payload AS text[]),
-                    CAST(:received_at AS float8[]))
-             AS u(modem_id, phone, ts, digest, payload, received_at)
-        ON CONFLICT DO NOTHING
-        """
-    ),
+}
+
+
+def _family_statements() -> dict[str, TextClause]:
+    statements: dict[str, TextClause] = {}
+    for spec in FAMILIES:
+        w = spec.writes
+        if isinstance(w, StateWrites):
+            statements[f"{spec.table}.upsert"] = state_upsert(spec.table, w)
+            statements[f"{spec.table}.delete"] = state_delete(spec.table, w)
+        elif isinstance(w, AppendWrites):
+            statements[f"{spec.table}.append"] = append(spec.table, w)
+        else:
+            statements.update(CUSTOM[w.name].statements)
+    return statements
+
+
+STATEMENTS: dict[str, TextClause] = {
+    **_family_statements(),
     "dead_letters.append": text(
         """
         INSERT INTO dead_letters (topic, payload, payload_size, properties, reason, detail,
@@ -302,176 +377,38 @@ STATEMENTS: dict[str, TextClause] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Plan → parameters
-
-
-def _columns(rows: Sequence[Any], **getters: Any) -> dict[str, list[Any]]:
-    return {name: [get(r) for r in rows] for name, get in getters.items()}
+def plan_operations(plan: WritePlan) -> list[Operation]:
+    """The statements a plan needs, in the fixed order of ``FAMILIES`` (so writers lock alike)."""
+    ops: list[Operation] = []
+    for spec in FAMILIES:
+        w = spec.writes
+        if isinstance(w, CustomWrites):
+            ops += CUSTOM[w.name].operations(plan)
+            continue
+        rows = plan.rows(spec.table)
+        if not rows:
+            continue
+        if isinstance(w, StateWrites):
+            ops += _state_ops(spec.table, w, rows)
+        else:
+            ops.append((spec.table, "append", _columns(rows, w.columns)))
+    return ops
 
 
 def _no_nul(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
-def dead_letter_params(letters: Sequence[DeadLetter]) -> dict[str, list[Any]]:
-    return _columns(
-        letters,
-        topic=lambda d: _no_nul(d.message.topic),
-        payload=lambda d: d.message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
-        payload_size=lambda d: len(d.message.payload),
-        properties=lambda d: json.dumps(
+def dead_letter_params(letters: Sequence[DeadLetter]) -> Params:
+    getters: dict[str, Callable[[DeadLetter], Any]] = {
+        "topic": lambda d: _no_nul(d.message.topic),
+        "payload": lambda d: d.message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
+        "payload_size": lambda d: len(d.message.payload),
+        "properties": lambda d: json.dumps(
             {_no_nul(k): _no_nul(v) for k, v in d.message.properties.items()}
         ).replace("\\u0000", "\\ufffd"),
-        reason=lambda d: str(d.rejection.reason),
-        detail=lambda d: _no_nul(d.rejection.detail),
-        received_at=lambda d: d.message.received_at,
-    )
-
-
-def _split(rows: Sequence[Any], field_name: str) -> tuple[list[Any], list[Any]]:
-    """(updates, deletions): a record whose value field is None is a deletion."""
-    updates = [r for r in rows if getattr(r, field_name) is not None]
-    deletions = [r for r in rows if getattr(r, field_name) is None]
-    return updates, deletions
-
-
-def _state_ops(
-    table: str,
-    rows: Sequence[Any],
-    field_name: str,
-    keys: dict[str, Any],
-    values: dict[str, Any],
-) -> list[tuple[str, str, dict[str, list[Any]]]]:
-    """Deletions (``field_name`` None: keys and ts), then upserts (keys, ``values``, ts and
-    received_at) of one state table."""
-    updates, deletions = _split(rows, field_name)
-    ops = []
-    if deletions:
-        ops.append((table, "delete", _columns(deletions, **keys, ts=_ts)))
-    if updates:
-        params = _columns(updates, **keys, **values, ts=_ts, received_at=_received_at)
-        ops.append((table, "upsert", params))
-    return ops
-
-
-def _ts(r: Any) -> float:
-    return float(r.ts)
-
-
-def _received_at(r: Any) -> float:
-    return float(r.received_at)
-
-
-def _object_key(r: ObjectUpdate | ObjectPropertyUpdate) -> tuple[str, str, int]:
-    return (r.api, r.origin, r.object_id)
-
-
-def plan_operations(plan: WritePlan) -> list[tuple[str, str, dict[str, list[Any]]]]:
-    """The statements a plan needs, in a fixed table order (so writers lock alike)."""
-    device_name = {"device_id": lambda r: r.device_id, "name": lambda r: r.name}
-    obj_keys = {"api": lambda r: r.api, "origin": lambda r: r.origin, "id": lambda r: r.object_id}
-    ops: list[tuple[str, str, dict[str, list[Any]]]] = []
-    ops += _state_ops("telemetry", plan.telemetry, "value", device_name, {"v": lambda r: r.value})
-    ops += _state_ops(
-        "device_settings", plan.settings, "value", device_name, {"v": lambda r: r.value}
-    )
-    ops += _state_ops(
-        "plugin_device_configs",
-        plan.plugin_configs,
-        "config",
-        {"plugin_id": lambda r: r.plugin_id, "device_id": lambda r: r.device_id},
-        {"v": lambda r: r.config},
-    )
-    ops += _state_ops("objects", plan.objects, "props", obj_keys, {"props": lambda r: r.props})
-    ops += _state_ops(
-        "object_properties",
-        plan.object_properties,
-        "value",
-        {**obj_keys, "path": lambda r: json.dumps(list(r.path))},
-        {"value": lambda r: r.value},
-    )
-    touched = sorted(
-        {_object_key(r) for r in plan.objects} | {_object_key(r) for r in plan.object_properties}
-    )
-    if touched:
-        ops.append(
-            (
-                "objects",
-                "merge",
-                {
-                    "api": [k[0] for k in touched],
-                    "origin": [k[1] for k in touched],
-                    "id": [k[2] for k in touched],
-                },
-            )
-        )
-    ops += _state_ops(
-        "intervals",
-        plan.intervals,
-        "data",
-        {
-            "calc_id": lambda r: r.calc_id,
-            "device_id": lambda r: r.device_id,
-            "interval_key": lambda r: r.interval_key,
-        },
-        {
-            "interval_id": lambda r: r.interval_id,
-            "begin": lambda r: r.begin,
-            "end_ts": lambda r: r.end,
-            "duration": lambda r: r.duration,
-            "event": lambda r: r.event,
-            "data": lambda r: r.data,
-        },
-    )
-    if plan.device_messages:
-        ops.append(
-            (
-                "device_messages",
-                "append",
-                _columns(
-                    plan.device_messages,
-                    device_id=lambda r: r.device_id,
-                    ts=_ts,
-                    digest=lambda r: r.digest,
-                    server_ts=lambda r: r.server_ts,
-                    ident=lambda r: r.ident,
-                    payload=lambda r: r.payload,
-                    received_at=_received_at,
-                ),
-            )
-        )
-    if plan.channel_messages:
-        ops.append(
-            (
-                "channel_messages",
-                "append",
-                _columns(
-                    plan.channel_messages,
-                    channel_id=lambda r: r.channel_id,
-                    ident=lambda r: r.ident,
-                    ts=_ts,
-                    digest=lambda r: r.digest,
-                    server_ts=lambda r: r.server_ts,
-                    payload=lambda r: r.payload,
-                    received_at=_received_at,
-                ),
-            )
-        )
-    if plan.modem_messages:
-        ops.append(
-            (
-                "modem_messages",
-                "append",
-                _columns(
-                    plan.modem_messages,
-                    modem_id=lambda r: r.modem_id,
-                    phone=lambda r: r.phone,
-                    ts=_ts,
-                    digest=lambda r: r.digest,
-                    payload=lambda r: r.payload,
-                    received_at=_received_at,
-                ),
-            )
-        )
-    return ops
+        "reason": lambda d: str(d.rejection.reason),
+        "detail": lambda d: _no_nul(d.rejection.detail),
+        "received_at": lambda d: d.message.received_at,
+    }
+    return {name: [get(d) for d in letters] for name, get in getters.items()}

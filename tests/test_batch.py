@@ -26,13 +26,13 @@ def tele(device: int, name: str, value: str | None, ts: float) -> tuple[Inbound,
 
 def test_newest_timestamp_wins_whatever_the_arrival_order():
     plan = coalesce([tele(1, "a", "3", 30.0), tele(1, "a", "1", 10.0), tele(1, "a", "2", 20.0)])
-    assert [r.value for r in plan.telemetry] == ["3"]
+    assert [r.value for r in plan.rows("telemetry")] == ["3"]
     assert plan.superseded == 2
 
 
 def test_equal_timestamps_keep_the_later_arrival():
     plan = coalesce([tele(1, "a", "first", 10.0), tele(1, "a", "second", 10.0)])
-    assert [r.value for r in plan.telemetry] == ["second"]
+    assert [r.value for r in plan.rows("telemetry")] == ["second"]
 
 
 def test_a_newer_deletion_beats_an_older_update_and_vice_versa():
@@ -44,14 +44,14 @@ def test_a_newer_deletion_beats_an_older_update_and_vice_versa():
             tele(2, "b", "x", 6.0),
         ]
     )
-    assert [(r.device_id, r.value) for r in plan.telemetry] == [(1, None), (2, "x")]
+    assert [(r.device_id, r.value) for r in plan.rows("telemetry")] == [(1, None), (2, "x")]
 
 
 def test_redelivered_history_message_is_planned_once():
     inbound = Inbound("flespi/message/gw/devices/5", b'{"timestamp": 1731990000}', {}, NOW)
     record = decode(inbound)
     plan = coalesce([(inbound, record), (inbound, record)])
-    assert len(plan.device_messages) == 1
+    assert len(plan.rows("device_messages")) == 1
 
 
 def test_rejections_become_dead_letters_in_order():
@@ -68,9 +68,9 @@ def test_rejections_become_dead_letters_in_order():
 def test_plan_is_sorted_unique_and_holds_each_keys_newest(updates):
     items = [tele(d, n, f"{i}", float(ts)) for i, (d, n, ts) in enumerate(updates)]
     plan = coalesce(items)
-    keys = [(r.device_id, r.name) for r in plan.telemetry]
+    keys = [(r.device_id, r.name) for r in plan.rows("telemetry")]
     assert keys == sorted(set(keys))
-    for record in plan.telemetry:
+    for record in plan.rows("telemetry"):
         same_key = [r for _, r in items if (r.device_id, r.name) == (record.device_id, record.name)]
         newest = max(r.ts for r in same_key)
         assert record.ts == newest

@@ -23,9 +23,10 @@ from mirror.records import (
     SettingUpdate,
     TelemetryUpdate,
 )
-from mirror.topics import (
-    decode,
-)
+from mirror.topics import ROUTES, decode
+from tests.strategies import topic_for
+
+ALL_ROUTES = [route for group in ROUTES.values() for route in group]
 
 NOW = 1_732_000_000.0
 TS = "1731999999.25"
@@ -106,7 +107,7 @@ DECODED = [
     (
         msg("flespi/state/platform/customer/counters/devices", b"12", cid="777"),
         ObjectPropertyUpdate(
-            "platform", "customer", 777, ("counters", "devices"), "12", 1731999999.25, NOW
+            "platform", "customer", 777, ("counters", "devices"), "12", 1731999999.25, NOW, 777
         ),
     ),
     (
@@ -264,7 +265,11 @@ TOPIC_PARTS = st.sampled_from(
 
 @settings(max_examples=1500, deadline=None)
 @given(
-    topic=st.one_of(st.text(max_size=80), st.lists(TOPIC_PARTS, max_size=9).map("/".join)),
+    topic=st.one_of(
+        st.text(max_size=80),
+        st.lists(TOPIC_PARTS, max_size=9).map("/".join),
+        st.sampled_from(ALL_ROUTES).flatmap(topic_for),  # shapes that reach a builder
+    ),
     payload=st.one_of(
         st.binary(max_size=200),
         st.from_type(bool).map(lambda b: json.dumps(b).encode()),

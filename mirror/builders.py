@@ -1,0 +1,211 @@
+"""Build one family's record from a matched topic and its payload. Pure.
+
+A builder gets the fields the route captured from the topic (ids already parsed), the message,
+and the account id (``cid``) the message belongs to, and returns a record or raises
+:class:`~mirror.payloads.Invalid`. Which topic reaches which builder is declared in
+``families.py``; every flespi fact about payloads lives here or in ``payloads.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Protocol
+
+from mirror.payloads import (
+    Invalid,
+    checked_timestamp,
+    digest,
+    optional_number,
+    parse_json,
+    parse_timestamp,
+)
+from mirror.records import (
+    ChannelMessage,
+    DeviceMessage,
+    Inbound,
+    IntervalEvent,
+    ModemMessage,
+    ObjectPropertyUpdate,
+    ObjectUpdate,
+    PluginConfigUpdate,
+    Reason,
+    Record,
+    SettingUpdate,
+    TelemetryUpdate,
+)
+
+MAX_ID = 2**63 - 1
+_ID_TEXT = re.compile(r"^[0-9]{1,19}$")
+
+Fields = dict[str, Any]
+
+
+class Builder(Protocol):
+    def __call__(self, f: Fields, msg: Inbound, cid: int | None, /) -> Record: ...
+
+
+def parse_id(text: str, name: str) -> int:
+    """A flespi id: decimal digits, 0 .. 2**63-1 (it goes into a bigint)."""
+    if not _ID_TEXT.match(text) or int(text) > MAX_ID:
+        raise Invalid(Reason.INVALID_ID, f"{name} {text[:40]!r} is not a numeric flespi id")
+    return int(text)
+
+
+def _state_value(msg: Inbound) -> str | None:
+    """JSON text of a state payload, or None for the zero-length 'deleted' payload."""
+    if not msg.payload:
+        return None
+    return parse_json(msg.payload)[0]
+
+
+def _ts(msg: Inbound) -> float:
+    return parse_timestamp(msg.properties, msg.received_at)
+
+
+def telemetry(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    return TelemetryUpdate(
+        f["device_id"], f["name"], _state_value(msg), _ts(msg), msg.received_at, cid
+    )
+
+
+def setting(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    name = "/".join(f["path"])
+    return SettingUpdate(f["device_id"], name, _state_value(msg), _ts(msg), msg.received_at, cid)
+
+
+def plugin_config(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    return PluginConfigUpdate(
+        f["plugin_id"], f["device_id"], _state_value(msg), _ts(msg), msg.received_at, cid
+    )
+
+
+def _object_json(msg: Inbound) -> str | None:
+    if not msg.payload:
+        return None
+    text, value = parse_json(msg.payload)
+    if not isinstance(value, dict):
+        raise Invalid(Reason.WRONG_SHAPE, "a whole-object payload must be a JSON object")
+    return text
+
+
+def whole_object(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    return ObjectUpdate(
+        f["api"], f["origin"], f["object_id"], _object_json(msg), _ts(msg), msg.received_at, cid
+    )
+
+
+def object_property(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    path: tuple[str, ...] = f["path"]
+    value = _state_value(msg)
+    ts = _ts(msg)
+    if path == ("deleted",) and value is not None and json.loads(value) is True:
+        # The object itself is gone: same as a zero-length payload on the object topic.
+        return ObjectUpdate(f["api"], f["origin"], f["object_id"], None, ts, msg.received_at, cid)
+    return ObjectPropertyUpdate(
+        f["api"], f["origin"], f["object_id"], path, value, ts, msg.received_at, cid
+    )
+
+
+def customer(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    """``flespi/state/platform/customer[/...]``: the account itself, keyed by its cid."""
+    if cid is None:
+        raise Invalid(Reason.INVALID_ID, "account state topic without a cid user property")
+    fields = {"api": "platform", "origin": "customer", "object_id": cid}
+    if "path" in f:
+        return object_property({**fields, "path": f["path"]}, msg, cid)
+    return whole_object(fields, msg, cid)
+
+
+def _interval_key(value: dict[str, Any]) -> tuple[str, int | None, float | None]:
+    raw_id = value.get("id")
+    begin = optional_number(value, "begin")
+    if raw_id is not None:
+        if isinstance(raw_id, bool) or not isinstance(raw_id, int) or not 0 <= raw_id <= MAX_ID:
+            raise Invalid(Reason.WRONG_SHAPE, "interval field 'id' is not an integer id")
+        return f"id:{raw_id}", raw_id, begin
+    if begin is not None:
+        return f"begin:{begin!r}", None, begin
+    raise Invalid(Reason.WRONG_SHAPE, "an interval needs an 'id' or a 'begin'")
+
+
+def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    event: str = f["event"]
+    if not msg.payload:
+        raise Invalid(Reason.EMPTY_PAYLOAD, f"interval {event} event without a payload")
+    text, value = parse_json(msg.payload)
+    if not isinstance(value, dict):
+        raise Invalid(Reason.WRONG_SHAPE, "an interval payload must be a JSON object")
+    interval_key, raw_id, begin = _interval_key(value)
+    if begin is not None:
+        checked_timestamp(begin, "interval begin")
+    end = optional_number(value, "end")
+    if end is not None:
+        checked_timestamp(end, "interval end")
+    fallback = msg.received_at
+    if "timestamp" in value:
+        fallback = checked_timestamp(value["timestamp"], "interval timestamp")
+    return IntervalEvent(
+        calc_id=f["calc_id"],
+        device_id=f["device_id"],
+        interval_key=interval_key,
+        interval_id=raw_id,
+        begin=begin,
+        end=end,
+        duration=optional_number(value, "duration"),
+        event=event,
+        data=None if event == "deleted" else text,
+        ts=parse_timestamp(msg.properties, fallback),
+        received_at=msg.received_at,
+        cid=cid,
+    )
+
+
+def _message_fields(msg: Inbound) -> tuple[str, dict[str, Any], float, float | None]:
+    """(text, object, ts, server_ts) of a device/channel/modem message payload."""
+    if not msg.payload:
+        raise Invalid(Reason.EMPTY_PAYLOAD, "a message topic carried an empty payload")
+    text, value = parse_json(msg.payload)
+    if not isinstance(value, dict):
+        raise Invalid(Reason.WRONG_SHAPE, "a message payload must be a JSON object")
+    ts = _ts(msg)
+    if value.get("timestamp") is not None:
+        ts = checked_timestamp(value["timestamp"], "message timestamp")
+    server_ts = None
+    if value.get("server.timestamp") is not None:
+        server_ts = checked_timestamp(value["server.timestamp"], "message server.timestamp")
+    return text, value, ts, server_ts
+
+
+def _ident(value: dict[str, Any]) -> str | None:
+    ident = value.get("ident")
+    return ident if isinstance(ident, str) else None
+
+
+def device_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    text, value, ts, server_ts = _message_fields(msg)
+    return DeviceMessage(
+        f["device_id"],
+        ts,
+        server_ts,
+        _ident(value),
+        text,
+        digest(msg.payload),
+        msg.received_at,
+        cid,
+    )
+
+
+def channel_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    text, _value, ts, server_ts = _message_fields(msg)
+    ident = "/".join(f["ident"])
+    return ChannelMessage(
+        f["channel_id"], ident, ts, server_ts, text, digest(msg.payload), msg.received_at, cid
+    )
+
+
+def modem_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    text, _value, ts, _server_ts = _message_fields(msg)
+    return ModemMessage(
+        f["modem_id"], f["phone"], ts, text, digest(msg.payload), msg.received_at, cid
+    )
