@@ -15,7 +15,7 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from mirror.config import DEFAULT_SCHEMA, SCHEMA_NAME, sqlalchemy_url
+from mirror.config import DEFAULT_SCHEMA, SCHEMA_NAME
 from mirror.schema import include_in_autogenerate, metadata
 
 config = context.config
@@ -45,9 +45,9 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_async(url: str) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from mirror.database import create_engine
 
-    engine = create_async_engine(sqlalchemy_url(url))
+    engine = create_engine(url, None)
     try:
         async with engine.connect() as conn:
             await conn.run_sync(run_with)

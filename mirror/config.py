@@ -10,9 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
-
-from sqlalchemy.engine import URL, make_url
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
@@ -23,7 +21,15 @@ SHARE_GROUP = re.compile(r"^[A-Za-z0-9_-]+(:[0-9]+){0,2}$")
 
 
 class ConfigError(ValueError):
-    """A setting is missing or wrong; the message says which and how to fix it."""
+    """A setting is missing or wrong; the message says which and how to fix it.
+
+    ``setting`` names the option (a :class:`Settings` field) when one is to blame, so the command
+    line can name its flag and environment variable.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class Secret:
@@ -61,14 +67,28 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         parts = urlsplit(url)
+        if "@" in parts.netloc:
+            # Never used silently: the token goes in --token-file / FLESPI_TOKEN, not in a URL
+            # that shows in the process list and in every log line naming the broker.
+            raise ConfigError(
+                "user info in the broker URL is not used: remove 'user:password@' and pass the "
+                "token with --token-file or FLESPI_TOKEN",
+                setting="mqtt_url",
+            )
+        shown = redact_mqtt_url(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ConfigError(
-                f"--mqtt-url {url!r}: the scheme must be mqtt:// (plain) or mqtts:// (TLS)"
+                f"{shown!r}: the scheme must be mqtt:// (plain) or mqtts:// (TLS)",
+                setting="mqtt_url",
             )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{shown!r}: the port is not a number", setting="mqtt_url") from None
         if not parts.hostname:
-            raise ConfigError(f"--mqtt-url {url!r}: no host")
+            raise ConfigError(f"{shown!r}: no host", setting="mqtt_url")
         tls = parts.scheme in ("mqtts", "ssl")
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
 
     @property
     def is_flespi(self) -> bool:
@@ -103,32 +123,55 @@ class Settings:
     maintenance_interval: float = 3600.0
     share_group: str | None = None
     snapshot_quiet: float = 2.0
+    workers: int = 1
+    worker: bool = False  # a process started by a --workers supervisor
+    resync: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
-        if not SCHEMA_NAME.match(self.schema):
-            raise ConfigError(
-                f"--schema {self.schema!r}: use lower-case letters, digits and '_' (max 63)"
-            )
+        self._check_schema()
         broker = BrokerAddress.parse(self.mqtt_url)
         if self.token and broker.is_flespi and not broker.tls and not self.allow_plain_token:
             raise ConfigError(
                 f"refusing to send the flespi token in clear text to {broker.host}: use mqtts:// "
-                "or pass --allow-plain-token"
+                "or pass --allow-plain-token",
+                setting="mqtt_url",
             )
         if not self.topics:
-            raise ConfigError("--topic: at least one subscription filter is needed")
-        for name in ("batch_size", "max_unacked", "max_payload_bytes", "keepalive"):
+            raise ConfigError("at least one subscription filter is needed", setting="topics")
+        for name in ("batch_size", "max_unacked", "max_payload_bytes", "keepalive", "workers"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        if self.retention_days < 0:
-            raise ConfigError("--retention-days must be 0 (keep forever) or positive")
+                raise ConfigError(f"must be positive, not {getattr(self, name)}", setting=name)
+        for name in ("retention_days", "tombstone_days", "session_expiry"):
+            if getattr(self, name) < 0:
+                raise ConfigError("must be 0 or positive", setting=name)
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("a TCP port is 0 to 65535", setting="metrics_port")
         if self.share_group is not None and not SHARE_GROUP.match(self.share_group):
             raise ConfigError(
-                f"--share-group {self.share_group!r}: a name, optionally with flespi's sticky "
-                "suffix :COUNT or :FROM:COUNT (letters, digits, '_' and '-')"
+                f"{self.share_group!r}: a name, optionally with flespi's sticky "
+                "suffix :COUNT or :FROM:COUNT (letters, digits, '_' and '-')",
+                setting="share_group",
             )
         if self.batch_size > self.max_unacked:
-            raise ConfigError("--batch-size cannot exceed --max-unacked")
+            raise ConfigError(
+                f"{self.batch_size} exceeds the unacknowledged bound ({self.max_unacked})",
+                setting="batch_size",
+            )
+
+    def _check_schema(self) -> None:
+        if SCHEMA_NAME.match(self.schema):
+            return
+        if self.schema and not self.schema[0].isdigit() and self.schema.lower() == self.schema:
+            why = "use lower-case letters, digits and '_' only, at most 63"
+        elif self.schema[:1].isdigit():
+            why = "a schema name must start with a letter or '_' (PostgreSQL would need quotes)"
+        elif not self.schema:
+            why = "empty"
+        else:
+            why = "use lower-case letters, digits and '_' only (upper case would need quotes)"
+        raise ConfigError(f"{self.schema!r}: {why}", setting="schema")
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -163,34 +206,112 @@ class Settings:
 
 # ---------------------------------------------------------------------------------------------
 # Database URLs
+#
+# Managed PostgreSQL services hand out libpq URLs (``?sslmode=require&sslrootcert=...``). asyncpg
+# parses most of libpq's URL parameters itself when given the URL as its DSN; the few it does not
+# are mapped here, and any other is refused by name, as libpq refuses it, rather than being sent
+# to the server as a setting it does not know.
+
+# Parameters asyncpg's DSN parser understands (asyncpg/connect_utils.py).
+_ASYNCPG_DSN_PARAMETERS = frozenset(
+    (
+        "host", "port", "dbname", "database", "user", "password", "passfile", "service",
+        "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "sslnegotiation",
+        "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+        "krbsrvname", "gsslib",
+    )
+)  # fmt: skip
+# libpq parameters that become a server setting of the connection's start-up packet.
+_STARTUP_PARAMETERS = frozenset(("application_name", "options"))
+_SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+_SCHEMES = ("postgresql", "postgres")
 
 
-def sqlalchemy_url(url: str) -> URL:
-    """Accept plain ``postgresql://`` / ``postgres://`` URLs and use the asyncpg driver."""
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://") :]
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
-        raise ConfigError("--database-url must be a postgresql:// URL")
-    return parsed.set(drivername="postgresql+asyncpg")
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """What ``asyncpg.connect`` needs for a libpq URL: its DSN, start-up settings, timeout."""
+
+    dsn: str = field(repr=False)
+    server_settings: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dsn": self.dsn}
+        if self.server_settings:
+            kwargs["server_settings"] = dict(self.server_settings)
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        return kwargs
+
+
+def database_target(url: str) -> DatabaseTarget:
+    """Interpret a ``postgresql://`` URL with libpq's parameters; errors never show a secret."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in _SCHEMES:
+        raise ConfigError(f"{redact_url(url)!r}: not a postgresql:// URL", setting="database_url")
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError(
+            f"{redact_url(url)!r}: the query (after '?') is not name=value pairs joined by '&'",
+            setting="database_url",
+        ) from None
+    kept: list[tuple[str, str]] = []
+    settings: dict[str, str] = {}
+    timeout: float | None = None
+    for name, value in query:
+        if name in _ASYNCPG_DSN_PARAMETERS:
+            kept.append((name, value))
+        elif name in _STARTUP_PARAMETERS:
+            settings[name] = value
+        elif name == "fallback_application_name":
+            settings.setdefault("application_name", value)
+        elif name == "connect_timeout":
+            try:
+                timeout = float(value) if float(value) > 0 else None
+            except ValueError:
+                raise ConfigError(
+                    f"connect_timeout={value!r} in the URL: expected seconds",
+                    setting="database_url",
+                ) from None
+        else:
+            raise ConfigError(
+                f"the URL parameter {name!r} is not supported (supported: "
+                + ", ".join(sorted(_ASYNCPG_DSN_PARAMETERS | _STARTUP_PARAMETERS))
+                + ", fallback_application_name, connect_timeout)",
+                setting="database_url",
+            )
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(kept), ""))
+    return DatabaseTarget(dsn, settings, timeout)
 
 
 def redact_url(url: str) -> str:
-    """For log lines: the URL with its password masked."""
-    return sqlalchemy_url(url).set(drivername="postgresql").render_as_string(hide_password=True)
+    """The URL with every credential masked: the password in the user info and in the query."""
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        query = []
+    masked = [(k, "***" if k in _SECRET_PARAMETERS else v) for k, v in query]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(masked, safe="*/:"), ""))
+
+
+def redact_mqtt_url(url: str) -> str:
+    """A broker URL with any user info masked."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def asyncpg_connect_kwargs(url: str) -> dict[str, Any]:
-    """Keyword arguments for ``asyncpg.connect`` from a plain PostgreSQL URL."""
-    parsed = sqlalchemy_url(url)
-    kwargs: dict[str, Any] = {
-        "user": parsed.username,
-        "password": parsed.password,
-        "database": parsed.database,
-        "host": parsed.host,
-        "port": parsed.port,
-    }
-    host = parsed.query.get("host")
-    if host:
-        kwargs["host"] = host if isinstance(host, str) else host[0]
-    return {k: v for k, v in kwargs.items() if v is not None}
+    """Keyword arguments for ``asyncpg.connect`` from a PostgreSQL URL."""
+    return database_target(url).connect_kwargs()

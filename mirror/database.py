@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from mirror.config import sqlalchemy_url
+from mirror.config import database_target
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,34 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_engine(url: str, schema: str, *, pool_size: int = 2) -> AsyncEngine:
-    """An engine whose every connection works in ``schema`` (via search_path)."""
+def create_engine(url: str, schema: str | None, *, pool_size: int = 2) -> AsyncEngine:
+    """An engine whose every connection works in ``schema`` (via search_path; None: the role's).
+
+    asyncpg gets the URL itself as its DSN (see :func:`mirror.config.database_target`), so
+    libpq's TLS parameters (sslmode, sslrootcert, sslcert, sslkey) work as they do in psql.
+    """
+    import asyncpg
+
+    target = database_target(url)
+    server_settings = {"application_name": "flespi-mirror", **target.server_settings}
+    if schema is not None:
+        server_settings["search_path"] = schema
+
+    async def connect() -> Any:
+        return await asyncpg.connect(
+            target.dsn,
+            server_settings=server_settings,
+            timeout=target.timeout or 10,
+            command_timeout=120,
+        )
+
     return create_async_engine(
-        sqlalchemy_url(url),
+        "postgresql+asyncpg://",
+        async_creator=connect,
         pool_size=pool_size,
         max_overflow=2,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={
-            "server_settings": {"search_path": schema, "application_name": "flespi-mirror"},
-            "timeout": 10,
-            "command_timeout": 120,
-        },
     )
 
 

@@ -22,42 +22,35 @@ import time
 from dataclasses import dataclass, field
 
 from mirror.config import Settings
+from mirror.options import worker_environment
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_MAX = 30.0
 
 
-def worker_command(settings: Settings, index: int) -> tuple[list[str], dict[str, str]]:
-    """Arguments and environment additions for worker ``index`` (0-based)."""
+def worker_command(
+    settings: Settings, index: int, *, restarted: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """Arguments and environment additions for worker ``index`` (0-based).
+
+    Every option reaches the worker through its environment variable (derived from the option
+    declarations, so a new option cannot be forgotten here); the arguments carry no secret.
+    A restarted worker does not ask for a full snapshot again: the first start did.
+    """
     group = settings.share_group or settings.effective_client_id()
-    argv = [
-        sys.executable, "-m", "mirror.cli", "run", "--worker",
-        "--mqtt-url", settings.mqtt_url,
-        "--schema", settings.schema,
-        "--client-id", f"{settings.effective_client_id()}-w{index}",
-        "--share-group", group,
-        "--session-expiry", str(settings.session_expiry),
-        "--max-unacked", str(settings.max_unacked),
-        "--batch-size", str(settings.batch_size),
-        "--flush-interval", str(settings.flush_interval),
-        "--max-payload-bytes", str(settings.max_payload_bytes),
-        "--retention-days", str(settings.retention_days),
-        "--tombstone-days", str(settings.tombstone_days),
-        "--no-migrate",
-    ]  # fmt: skip
-    for topic in settings.topics:
-        argv += ["--topic", topic]
-    if settings.token_in_password:
-        argv.append("--token-in-password")
-    if settings.allow_plain_token:
-        argv.append("--allow-plain-token")
-    if settings.ca_file:
-        argv += ["--ca-file", settings.ca_file]
-    env = {"FLESPI_TOKEN": settings.token.reveal(), "MIRROR_WORKERS": "1"}
-    if settings.database_url is not None:
-        env["MIRROR_DATABASE_URL"] = settings.database_url.reveal()
-    return argv, env
+    env = worker_environment(
+        settings,
+        {
+            "MIRROR_CLIENT_ID": f"{settings.effective_client_id()}-w{index}",
+            "MIRROR_SHARE_GROUP": group,
+            "MIRROR_NO_MIGRATE": "1",
+            "MIRROR_WORKERS": "1",
+        },
+    )
+    if restarted:
+        env["MIRROR_RESYNC"] = "0"
+    return [sys.executable, "-m", "mirror.cli", "run", "--worker"], env
 
 
 @dataclass
@@ -66,6 +59,7 @@ class Worker:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = 0.0
+    process_count: int = 0  # processes started for this slot so far
 
 
 @dataclass
@@ -96,9 +90,12 @@ class Supervisor:
         return reasons
 
     def _start(self, worker: Worker) -> None:
-        argv, extra_env = worker_command(self.settings, worker.index)
+        argv, extra_env = worker_command(
+            self.settings, worker.index, restarted=worker.process_count > 0
+        )
         env = {**os.environ, **extra_env, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         worker.process = subprocess.Popen(argv, env=env)
+        worker.process_count += 1
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 

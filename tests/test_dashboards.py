@@ -22,9 +22,9 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.config import sqlalchemy_url
+from mirror.database import create_engine
 from mirror.simulate import SimulationOptions, run_simulation
 from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import (
@@ -306,7 +306,7 @@ async def grafana_reader(
         ):
             await conn.exec_driver_sql(statement)
     url = make_url(database.url).set(username=role, password=password)
-    reader = create_async_engine(sqlalchemy_url(url.render_as_string(hide_password=False)))
+    reader = create_engine(url.render_as_string(hide_password=False), None)
     try:
         yield reader
     finally:
