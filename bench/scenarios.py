@@ -238,14 +238,14 @@ async def _latency(s: Services, opts: Options) -> dict[str, Any]:
     from mirror.config import Secret, Settings
     from mirror.database import create_engine
     from mirror.pipeline import Mirror
-    from mirror.source import Received
+    from mirror.source import Batch
     from mirror.store import WriteResult
 
     latencies: list[float] = []
 
     class MeasuredMirror(Mirror):
-        async def commit(self, batch: Sequence[Received], *args: Any, **kw: Any) -> WriteResult:
-            result = await super().commit(batch, *args, **kw)
+        async def commit(self, batch: Batch) -> WriteResult:
+            result = await super().commit(batch)
             now = time.time()
             for message in batch:
                 stamp = message.inbound.properties.get("timestamp")

@@ -17,6 +17,7 @@ DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
 DEFAULT_SCHEMA = "flespi"
 FLESPI_HOST_SUFFIX = "flespi.io"
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+PACKET_OVERHEAD_BYTES = 64 * 1024  # topic (<= 64 KiB by MQTT) and properties of one PUBLISH
 SHARE_GROUP = re.compile(r"^[A-Za-z0-9_-]+(:[0-9]+){0,2}$")
 
 
@@ -58,11 +59,23 @@ class Secret:
         return hash(self._value)
 
 
+SCHEMES = {  # scheme: (TLS, WebSocket, default port)
+    "mqtt": (False, False, 1883),
+    "tcp": (False, False, 1883),
+    "mqtts": (True, False, 8883),
+    "ssl": (True, False, 8883),
+    "ws": (False, True, 80),
+    "wss": (True, True, 443),
+}
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
     port: int
     tls: bool
+    websocket: bool = False
+    path: str = "/"
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
@@ -76,9 +89,10 @@ class BrokerAddress:
                 setting="mqtt_url",
             )
         shown = redact_mqtt_url(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        if parts.scheme not in SCHEMES:
             raise ConfigError(
-                f"{shown!r}: the scheme must be mqtt:// (plain) or mqtts:// (TLS)",
+                f"{shown!r}: the scheme must be mqtt:// (plain), mqtts:// (TLS), "
+                "ws:// (WebSockets) or wss:// (WebSockets over TLS)",
                 setting="mqtt_url",
             )
         try:
@@ -87,8 +101,25 @@ class BrokerAddress:
             raise ConfigError(f"{shown!r}: the port is not a number", setting="mqtt_url") from None
         if not parts.hostname:
             raise ConfigError(f"{shown!r}: no host", setting="mqtt_url")
-        tls = parts.scheme in ("mqtts", "ssl")
-        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+        tls, websocket, default_port = SCHEMES[parts.scheme]
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.hostname, port or default_port, tls, websocket, path)
+
+    @property
+    def scheme(self) -> str:
+        return (
+            ("wss" if self.tls else "ws") if self.websocket else ("mqtts" if self.tls else "mqtt")
+        )
+
+    @property
+    def websocket_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+    def __str__(self) -> str:
+        """For log lines: scheme, host, port (and path), never credentials."""
+        path = self.path.split("?", 1)[0] if self.websocket else ""
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     @property
     def is_flespi(self) -> bool:
@@ -109,9 +140,11 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9465
     session_expiry: int = 3 * 24 * 3600
-    keepalive: int = 60
+    keepalive: int = 30
     max_unacked: int = 20_000
+    max_unacked_bytes: int = 64 * 1024 * 1024
     batch_size: int = 5_000
+    max_batch_bytes: int = 16 * 1024 * 1024
     flush_interval: float = 0.02
     max_payload_bytes: int = 1024 * 1024
     migrate: bool = True
@@ -140,7 +173,15 @@ class Settings:
             )
         if not self.topics:
             raise ConfigError("at least one subscription filter is needed", setting="topics")
-        for name in ("batch_size", "max_unacked", "max_payload_bytes", "keepalive", "workers"):
+        for name in (
+            "batch_size",
+            "max_unacked",
+            "max_unacked_bytes",
+            "max_batch_bytes",
+            "max_payload_bytes",
+            "keepalive",
+            "workers",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", setting=name)
         for name in ("retention_days", "tombstone_days", "session_expiry"):
@@ -159,6 +200,27 @@ class Settings:
                 f"{self.batch_size} exceeds the unacknowledged bound ({self.max_unacked})",
                 setting="batch_size",
             )
+        if self.max_unacked_bytes < self.max_payload_bytes + PACKET_OVERHEAD_BYTES:
+            raise ConfigError(
+                f"{self.max_unacked_bytes} cannot hold one largest message: at least "
+                f"max payload bytes + {PACKET_OVERHEAD_BYTES}",
+                setting="max_unacked_bytes",
+            )
+        if self.max_batch_bytes > self.max_unacked_bytes:
+            raise ConfigError(
+                f"{self.max_batch_bytes} exceeds the unacknowledged bound in bytes "
+                f"({self.max_unacked_bytes})",
+                setting="max_batch_bytes",
+            )
+        if self.keepalive > 65535:
+            raise ConfigError("at most 65535 seconds (MQTT's limit)", setting="keepalive")
+
+    @property
+    def max_packet_bytes(self) -> int:
+        """MQTT 5 Maximum Packet Size we send in CONNECT: the memory bound itself. The broker
+        never sends a larger packet (MQTT 5: it discards it), so one message cannot break the
+        bound; a payload above ``max_payload_bytes`` but within it still reaches dead_letters."""
+        return self.max_unacked_bytes
 
     def _check_schema(self) -> None:
         if SCHEMA_NAME.match(self.schema):

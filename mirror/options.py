@@ -179,8 +179,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "mqtt_url",
-        "Broker: mqtts:// is TLS with certificate verification, mqtt:// plain. Use "
-        "ru-mqtt.flespi.io for the RU region. User info (user:password@) is refused: pass the "
+        "Broker: mqtts:// is TLS with certificate verification, mqtt:// plain; MQTT over "
+        "WebSockets: wss://host:443/path (TLS, verified) or ws://host:80/path, for networks that "
+        "only let 443 out. Use ru-mqtt.flespi.io for the RU region. User info (user:password@) is refused: pass the "
         "token with --token-file.",
         metavar="URL",
     ),
@@ -222,14 +223,30 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "session_expiry", "Seconds the broker keeps our session while we are away.", parse=integer
     ),
-    Option("keepalive", "MQTT keepalive in seconds.", parse=integer),
+    Option(
+        "keepalive",
+        "MQTT keepalive in seconds: a connection silent for 1.5x this long is dropped and "
+        "reconnected, and /readyz turns 503 meanwhile.",
+        parse=integer,
+    ),
     Option(
         "max_unacked",
         "Messages held unacknowledged at most: the memory bound. Also sent as MQTT 5 "
         "ReceiveMaximum (capped at 65535).",
         parse=integer,
     ),
+    Option(
+        "max_unacked_bytes",
+        "Bytes (as received) held unacknowledged at most: the memory bound in bytes. Also sent "
+        "as MQTT 5 Maximum Packet Size. See docs/sizing.md.",
+        parse=integer,
+    ),
     Option("batch_size", "Messages per transaction at most.", parse=integer),
+    Option(
+        "max_batch_bytes",
+        "Bytes per transaction at most (a larger single message still goes alone).",
+        parse=integer,
+    ),
     Option(
         "flush_interval", "Seconds to wait for a batch to fill before committing it.", parse=number
     ),

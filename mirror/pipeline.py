@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,8 +22,12 @@ from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
 from mirror.records import Inbound, Reason, Record, Rejection
-from mirror.snapshot import SnapshotCoordinator
-from mirror.source import MqttSource, Received
+from mirror.snapshot import (
+    SnapshotCoordinator,
+    ask_for_missing_retained_state,
+    record_retained_state,
+)
+from mirror.source import Batch, MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult, is_retryable
 from mirror.topics import (
     decode,
@@ -107,15 +111,21 @@ class Mirror:
         if self._stopping.is_set():
             return
         await self.maintain_partitions()
-        session = asyncio.create_task(self.source.run(), name="mqtt-session")
         helpers = [
             asyncio.create_task(self._maintenance_loop(), name="partition-maintenance"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
         ]
         if self.settings.share_group:
             helpers.append(asyncio.create_task(self._snapshot(), name="retained-snapshot"))
+        elif await ask_for_missing_retained_state(self.source, self.engine) or self._resync:
+            helpers.append(
+                asyncio.create_task(
+                    record_retained_state(self.source, self.engine), name="retained-state"
+                )
+            )
+        session = asyncio.create_task(self.source.run(), name="mqtt-session")
         try:
-            await self._consume()
+            await self._consume(self.source)
         finally:
             for task in helpers:
                 task.cancel()
@@ -134,8 +144,9 @@ class Mirror:
         # A new broker session (first start, or the old one expired) or --resync: the state may
         # have changed unseen, so only a snapshot taken from now on counts.
         force = self._resync or not self.source.session_present
-        self.snapshot = SnapshotCoordinator(self.settings, self.engine, self.commit, force=force)
-        await self.snapshot.run(self._stopping)
+        self.snapshot = SnapshotCoordinator(self.settings, self.engine, force=force)
+        async for source in self.snapshot.attempts(self._stopping):
+            await self._consume(source, until=self.snapshot.over)
 
     async def maintain_partitions(self) -> None:
         """Day partitions ahead, retention behind, old tombstones pruned. A failure is logged
@@ -167,10 +178,23 @@ class Mirror:
             await asyncio.sleep(self.settings.maintenance_interval)
             await self.maintain_partitions()
 
-    async def _consume(self) -> None:
+    async def _consume(
+        self, source: MqttSource, until: Callable[[MqttSource], bool] | None = None
+    ) -> None:
+        """Write and acknowledge ``source``'s batches until it is drained (or ``until`` says)."""
         s = self.settings
         while True:
-            batch = await self.source.take(s.batch_size, s.flush_interval)
+            if until is None:
+                batch = await source.take(s.batch_size, s.flush_interval, s.max_batch_bytes)
+            else:
+                if until(source):
+                    return
+                try:
+                    batch = await asyncio.wait_for(
+                        source.take(s.batch_size, s.flush_interval, s.max_batch_bytes), 0.25
+                    )
+                except TimeoutError:
+                    continue
             if not batch:  # only once stopping and drained
                 return
             try:
@@ -183,23 +207,21 @@ class Mirror:
                 )
                 return
 
-    async def commit(
-        self, batch: Sequence[Received], source: MqttSource | None = None
-    ) -> WriteResult:
-        """Decode, coalesce, write (retrying while the database is away), then acknowledge
-        through the session the batch came from."""
-        source = source or self.source
+    async def commit(self, batch: Batch) -> WriteResult:
+        """Decode, coalesce, write (retrying while the database is away), then acknowledge the
+        batch (it carries its own ack, to the session it came from)."""
+        messages = batch.messages
         max_payload = self.settings.max_payload_bytes
-        decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in batch]
+        decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in messages]
         plan = coalesce(decoded)
-        self._in_hand_since = batch[0].inbound.received_at if batch else None
+        self._in_hand_since = messages[0].inbound.received_at if messages else None
         try:
             result = await self._write_until_done(plan)
         finally:
             self._in_hand_since = None
-        acked = source.ack(list(batch))
+        acked = batch.ack()
         now = time.time()
-        self._observe(batch, decoded, plan, result, now)
+        self._observe(messages, decoded, plan, result, now)
         self.committed_messages += len(batch)
         self.committed_batches += 1
         log.debug("committed %d messages (%d acks sent)", len(batch), acked)

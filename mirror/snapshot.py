@@ -22,18 +22,15 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror.config import Settings
-from mirror.source import MqttSource, Received
+from mirror.source import MqttSource
 
 log = logging.getLogger(__name__)
-
-CommitFn = Callable[[list[Received], MqttSource], Awaitable[Any]]
 
 
 def marker_name(share_group: str) -> str:
@@ -42,11 +39,17 @@ def marker_name(share_group: str) -> str:
 
 
 class SnapshotCoordinator:
+    """Decides when this member takes the snapshot; the pipeline writes what it receives.
+
+    :meth:`attempts` yields a running snapshot session each time this member is elected; the
+    pipeline consumes its batches (writing and acknowledging them like any other) until
+    :meth:`over` says to stop, and the coordinator then records the snapshot or tries again.
+    """
+
     def __init__(
         self,
         settings: Settings,
         engine: AsyncEngine,
-        commit: CommitFn,
         *,
         force: bool = False,
         retry_interval: float = 60.0,
@@ -54,12 +57,12 @@ class SnapshotCoordinator:
         assert settings.share_group, "a snapshot is only needed for a shared subscription"
         self.settings = settings
         self.engine = engine
-        self.commit = commit
         self.force = force
         self.retry_interval = retry_interval
         self.started = time.time()
         self.taken = 0  # retained messages this member wrote in its snapshot
         self.done = asyncio.Event()
+        self._session: asyncio.Task[None] | None = None
 
     @property
     def marker(self) -> str:
@@ -80,13 +83,15 @@ class SnapshotCoordinator:
         # After --resync or a new broker session, only a snapshot taken since our start counts.
         return not self.force or completed >= self.started
 
-    async def run(self, stopping: asyncio.Event) -> None:
+    async def attempts(self, stopping: asyncio.Event) -> AsyncIterator[MqttSource]:
+        """Yield a snapshot session whenever this member is elected, until one is recorded."""
         while not stopping.is_set():
             try:
                 if await self._recorded():
                     self.done.set()
                     return
-                await self._try_as_elected(stopping)
+                async for source in self._as_elected():
+                    yield source
                 if self.done.is_set():
                     return
             except Exception as exc:  # the live stream must not suffer for the snapshot
@@ -94,7 +99,7 @@ class SnapshotCoordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.retry_interval)
 
-    async def _try_as_elected(self, stopping: asyncio.Event) -> None:
+    async def _as_elected(self) -> AsyncIterator[MqttSource]:
         key = f"flespi-mirror:{self.marker}"
         async with self.engine.connect() as lock_conn:
             elected = await lock_conn.scalar(
@@ -108,40 +113,30 @@ class SnapshotCoordinator:
                 if await self._recorded():
                     self.done.set()
                     return
-                count = await self._take(stopping)
-                if count is None:
-                    return
-                await self._record(count)
-                self.done.set()
+                source = MqttSource(self.settings, snapshot=True)
+                self._session = asyncio.create_task(source.run(), name="snapshot-session")
+                log.info(
+                    "taking the retained snapshot for share group %s", self.settings.share_group
+                )
+                try:
+                    yield source
+                finally:
+                    source.close()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await self._session
+                if self._finished(source):
+                    log.info("retained snapshot complete: %d messages", source.retained_received)
+                    self.taken = source.retained_received
+                    await self._record(source.retained_received)
+                    self.done.set()
             finally:
                 await lock_conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
                 await lock_conn.commit()
 
-    async def _take(self, stopping: asyncio.Event) -> int | None:
-        """Receive and commit every retained message; None if interrupted."""
-        source = MqttSource(self.settings, snapshot=True)
-        session = asyncio.create_task(source.run(), name="snapshot-session")
-        log.info("taking the retained snapshot for share group %s", self.settings.share_group)
-        try:
-            while not stopping.is_set():
-                if session.done():
-                    return None
-                batch: list[Received] = []
-                with contextlib.suppress(TimeoutError):  # only the wait for messages
-                    batch = await asyncio.wait_for(
-                        source.take(self.settings.batch_size, self.settings.flush_interval), 0.25
-                    )
-                if batch:
-                    await self.commit(batch, source)
-                if self._finished(source):
-                    log.info("retained snapshot complete: %d messages", source.retained_received)
-                    self.taken = source.retained_received
-                    return source.retained_received
-            return None
-        finally:
-            source.close()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await session
+    def over(self, source: MqttSource) -> bool:
+        """Stop consuming ``source``: the snapshot is complete, or its session has died."""
+        session = self._session
+        return self._finished(source) or (session is not None and session.done())
 
     def _finished(self, source: MqttSource) -> bool:
         if source.subscribed_at is None or source.unacked or source.buffered:
@@ -150,15 +145,73 @@ class SnapshotCoordinator:
         return time.monotonic() - last >= self.settings.snapshot_quiet
 
     async def _record(self, count: int) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                text(
-                    """
-                    INSERT INTO sync_state (name, value, updated_at)
-                    VALUES (:n, CAST(:v AS jsonb), now())
-                    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value,
-                                                     updated_at = EXCLUDED.updated_at
-                    """
-                ),
-                {"n": self.marker, "v": json.dumps({"retained_messages": count})},
+        await record_marker(self.engine, self.marker, {"retained_messages": count})
+
+
+# ---------------------------------------------------------------------------------------------
+# The retained state of an ordinary (not shared) session
+
+RETAINED_STATE_MARKER = "retained_state"
+
+
+async def marker_exists(engine: AsyncEngine, name: str) -> bool:
+    async with engine.connect() as conn:
+        found = await conn.scalar(text("SELECT 1 FROM sync_state WHERE name = :n"), {"n": name})
+    return found is not None
+
+
+async def record_marker(engine: AsyncEngine, name: str, value: dict[str, object]) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                """
+                INSERT INTO sync_state (name, value, updated_at)
+                VALUES (:n, CAST(:v AS jsonb), now())
+                ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value,
+                                                 updated_at = EXCLUDED.updated_at
+                """
+            ),
+            {"n": name, "v": json.dumps(value)},
+        )
+
+
+async def ask_for_missing_retained_state(source: MqttSource, engine: AsyncEngine) -> bool:
+    """A database (or schema) without the retained state gets it from the broker again.
+
+    The broker keeps our persistent session by client id, which does not depend on the
+    database: pointed at a new database, a resumed session would send no retained messages and
+    the state tables would stay empty. So the database remembers, in ``sync_state``, that the
+    broker was asked for the retained state on a subscription it acknowledged; without that row
+    the session subscribes asking for every retained message (as ``--resync`` does). Call before
+    the session starts; True when it was asked.
+    """
+    try:
+        if await marker_exists(engine, RETAINED_STATE_MARKER):
+            return False
+    except Exception as exc:  # when in doubt, ask: a resync costs time, never data
+        log.warning("could not read the retained-state marker (%s): asking the broker", exc)
+    log.info("this database holds no snapshot of the retained state: asking the broker for it")
+    source.request_retained()
+    return True
+
+
+async def record_retained_state(source: MqttSource, engine: AsyncEngine) -> None:
+    """Record the marker once a subscription that asked for the retained state is acknowledged.
+
+    The retained messages the broker sends after that SUBACK are queued in the persistent
+    session at QoS 1, so a crash before they are written loses none: they are redelivered.
+    """
+    while True:
+        await source.subscribed_event.wait()
+        source.subscribed_event.clear()
+        if not source.retained_requested:
+            continue
+        try:
+            await record_marker(
+                engine,
+                RETAINED_STATE_MARKER,
+                {"client_id": source.client_id, "filters": list(source.settings.subscriptions)},
             )
+        except Exception as exc:  # the next start asks again: costs time, never data
+            log.warning("could not record the retained-state marker: %s", exc)
+        return

@@ -1,80 +1,275 @@
-"""The MQTT 5 session: connect, subscribe, hand out messages in batches, ack when told.
+"""The MQTT 5 session: connect, subscribe, hand out messages in batches that carry their ack.
 
-Built on aiomqtt for the connection life cycle (TLS, CONNECT/CONNACK, SUBSCRIBE, DISCONNECT).
-Three things aiomqtt 2.5 has no public API for are done on the paho client underneath, each
-kept to one small place here and covered by the end-to-end tests:
+Our own small session over the ``mqtt5`` sans-I/O codec (Rust; decoding a flespi PUBLISH costs
+about a microsecond) and a byte stream from ``transport.py`` (mqtt://, mqtts://, ws://, wss://).
+aiomqtt 3.0.0a1, built on the same codec, was evaluated first and not taken: it pins
+``mqtt5~=0.5`` (its import of ``mqtt5.Subscription`` fails on 0.8), has no WebSockets, connects
+with a blocking IPv4-only socket, writes and drains one PUBACK at a time, and cannot stop
+reading at a memory bound. The shape here follows it (``publish``/``subscribe`` with the
+codec's packets, a receive loop, a PINGREQ loop) so that a later swap stays small.
 
-* **Acknowledge after commit.** ``manual_ack_set(True)``; PUBACKs are queued on paho's output
-  only once the transaction holding the messages has committed. A message id is only valid on
-  the connection it came in on, so every message carries its connection's *epoch*; an ack for an
-  older epoch is dropped (the broker redelivers that message, and the store is idempotent).
-  Batches are acknowledged in arrival order, as MQTT 5 expects.
-* **Fast intake.** PUBLISH packets are read by ``wire.parse_publish`` (topic, packet id, user
-  properties, payload) instead of paho's generic decoder, and appended to our own deque,
-  skipping aiomqtt's queue, which drops messages when full. paho's own handler (and its
-  ``on_message``) still takes QoS 2, topic aliases and anything unusual. PUBACKs of a batch go
-  out as one write.
-* **Backpressure.** At ``max_unacked`` messages held in memory we stop reading the socket
-  (remove its reader from the event loop) and resume at half that. ReceiveMaximum in CONNECT
-  asks the broker for the same bound; brokers that ignore it (Mosquitto 2.0.11) are held off by
-  TCP flow control instead.
+What the session guarantees (each one tested, see ``tests/test_session.py``):
+
+* **Ack after commit, in order, at once.** :meth:`MqttSource.take` returns a :class:`Batch`;
+  ``batch.ack()`` queues the PUBACKs of all its QoS 1 messages, in arrival order, as one write.
+  A packet id is only valid on the connection it came in on: messages of an older connection are
+  not acked (the broker redelivers them; the store is idempotent).
+* **Memory bound in messages and bytes.** At ``max_unacked`` messages or ``max_unacked_bytes``
+  (wire size) held, the session stops reading the connection (TCP then holds the broker off) and
+  resumes at half of both. CONNECT carries ReceiveMaximum (``max_unacked``) and Maximum Packet
+  Size (``max_payload_bytes`` + 64 KiB), so no single packet can exceed what we accept.
+* **Keepalive.** PINGREQ after ``keepalive`` seconds of silence either way; a connection that
+  stays silent for 1.5x ``keepalive`` while we read is declared dead and reconnected.
+* **Refusals and faults.** QoS 2 is never PUBACKed (PUBREC 0x83: refused); topic aliases are not
+  requested and one that arrives ends the connection (DISCONNECT 0x94); a malformed packet ends
+  it with DISCONNECT 0x81; a DISCONNECT 0x8E is logged as another client taking the client id.
+  Every one of these ends in a reconnect with backoff, never a crash.
+* **Subscribing never times out.** Mosquitto sends the SUBACK after a queued backlog; we wait for
+  it as long as the connection lives.
+
+API for other parts of the daemon (e.g. REST over MQTT):
+
+* ``await source.publish(topic, payload, qos=0|1, response_topic=..., correlation_data=...,
+  user_properties=[...])``: one attempt on the current connection; QoS 1 waits for the PUBACK.
+  Raises :class:`NotConnected` when there is no connection (or it is lost before the PUBACK),
+  :class:`PublishRefused` for a PUBACK reason code >= 0x80.
+* ``source.route(topic_filter, prefix, queue, qos=0)``: subscribe ``topic_filter`` on every
+  (re)connect and put each ``mqtt5.PublishPacket`` whose topic starts with ``prefix`` on
+  ``queue`` instead of the mirror pipeline (QoS 1 ones are acked at once; a full queue drops the
+  message with a warning). ``source.unroute(prefix)`` forgets it.
+* ``source.account_cid``: the account id from the CONNACK user property ``token`` (flespi).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
-import ssl
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-import aiomqtt
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
+import mqtt5
+from mqtt5 import (
+    ConnAckPacket,
+    ConnAckReasonCode,
+    ConnectPacket,
+    DisconnectPacket,
+    DisconnectReasonCode,
+    PingReqPacket,
+    PingRespPacket,
+    PubAckPacket,
+    PublishPacket,
+    PubRecPacket,
+    PubRecReasonCode,
+    PubRelPacket,
+    QoS,
+    RetainHandling,
+    SubAckPacket,
+    SubscribePacket,
+    TopicFilter,
+)
 
 from mirror.config import Settings
-from mirror.records import (
-    Inbound,
-)
-from mirror.wire import PUBACK, parse_publish, pubacks
+from mirror.records import Inbound
+from mirror.transport import Connection, open_connection
 
 log = logging.getLogger(__name__)
 
-MQTT_ERR_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
+DEAD_AFTER = 1.5  # x keepalive of silence while reading: the connection is presumed dead
+RECEIVE_MAXIMUM_LIMIT = 65535
+
+ConnectFn = Callable[[], Awaitable[Connection]]
+
+
+class SessionEnded(Exception):
+    """The connection ended; the session reconnects. The message says why."""
+
+
+class ProtocolViolation(SessionEnded):
+    """The broker sent something MQTT 5 forbids; we DISCONNECT with ``code`` and reconnect."""
+
+    def __init__(self, code: DisconnectReasonCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectRefused(SessionEnded):
+    """The broker answered CONNECT with a failure reason code."""
+
+
+class NotConnected(Exception):
+    """No connection to publish on, or it was lost before the broker acknowledged."""
+
+
+class PublishRefused(Exception):
+    """The broker answered a QoS 1 PUBLISH with a failure reason code."""
 
 
 @dataclass(slots=True)
 class Received:
+    """One message held until its batch is acknowledged."""
+
     inbound: Inbound
-    mid: int
+    packet_id: int  # 0 for QoS 0: nothing to acknowledge
+    size: int  # bytes on the wire, for the memory bound
+    epoch: int  # the connection it came in on
+
+
+@dataclass(eq=False)
+class Batch:
+    """Messages taken together, and the way to acknowledge them once written."""
+
+    messages: list[Received]
+    size: int
+    _ack: Callable[[Batch], int] = field(repr=False)
+    _done: bool = field(default=False, repr=False)
+
+    def ack(self) -> int:
+        """PUBACK every QoS 1 message of the batch (one write, arrival order) and release its
+        memory. Call after the messages are safely written; later calls do nothing. Returns the
+        number of PUBACKs sent (messages of an older connection get none: redelivered)."""
+        if self._done:
+            return 0
+        self._done = True
+        return self._ack(self)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self) -> Iterator[Received]:
+        return iter(self.messages)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+
+@dataclass
+class _Route:
+    topic_filter: str
+    prefix: str
+    queue: asyncio.Queue[PublishPacket]
     qos: int
-    epoch: int
 
 
-def _user_properties(properties: Any) -> dict[str, str]:
-    pairs = getattr(properties, "UserProperty", None) if properties is not None else None
-    if not pairs:
-        return {}
-    return {str(k): str(v) for k, v in pairs}
+class Inbox:
+    """Bytes in, whole packets out (with their wire size). Pure: no I/O."""
+
+    def __init__(self, max_packet_bytes: int) -> None:
+        self.max_packet_bytes = max_packet_bytes
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[tuple[mqtt5.Packet, int]]:
+        buf = self._pending + data if self._pending else data
+        view = memoryview(buf)
+        end = len(buf)
+        pos = 0
+        packets: list[tuple[mqtt5.Packet, int]] = []
+        read = mqtt5.read
+        while pos < end:
+            try:
+                packet, size = read(view[pos:])
+            except IndexError:  # a partial packet: wait for more bytes
+                self._check_declared_size(buf, pos)
+                break
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ProtocolViolation(
+                    DisconnectReasonCode.MALFORMED_PACKET, f"malformed packet: {exc}"
+                ) from exc
+            except BaseException as exc:  # pyo3 panics derive from BaseException
+                if type(exc).__name__ != "PanicException":
+                    raise
+                raise ProtocolViolation(
+                    DisconnectReasonCode.MALFORMED_PACKET, f"malformed packet: {exc}"
+                ) from None
+            packets.append((packet, size))
+            pos += size
+        view.release()
+        self._pending = buf[pos:] if pos < end else b""
+        return packets
+
+    def _check_declared_size(self, buf: bytes, pos: int) -> None:
+        """Refuse a packet that announces itself larger than Maximum Packet Size before its
+        bytes pile up (a broker that ignores the limit must not take our memory)."""
+        length, shift, index = 0, 0, pos + 1
+        while index < len(buf) and shift <= 21:
+            byte = buf[index]
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if length + 1 + (index - pos) > self.max_packet_bytes:
+                    raise ProtocolViolation(
+                        DisconnectReasonCode.PACKET_TOO_LARGE,
+                        f"the broker sent a {length}-byte packet; we accept "
+                        f"{self.max_packet_bytes} at most",
+                    )
+                return
+            shift += 7
+            index += 1
+
+
+def account_cid_from(connack: ConnAckPacket) -> int | None:
+    """flespi's CONNACK user property ``token`` is JSON holding ``cid``, the account id."""
+    for name, value in connack.user_properties:
+        if name != "token":
+            continue
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            cid = json.loads(value).get("cid")
+            return int(cid) if cid is not None else None
+    return None
+
+
+class _Link:
+    """One live connection: its outgoing packets go through one writer, in order."""
+
+    def __init__(self, conn: Connection, epoch: int) -> None:
+        self.conn = conn
+        self.epoch = epoch
+        self.closed = False
+        self.last_sent = time.monotonic()
+        self._out: list[bytes] = []
+        self._wake = asyncio.Event()
+
+    def post(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        self._out.append(data)
+        self._wake.set()
+        self.last_sent = time.monotonic()
+        return True
+
+    async def writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            chunk = b"".join(self._out)
+            self._out.clear()
+            await self.conn.send(chunk)
+
+    async def finish(self, last: bytes = b"") -> None:
+        """Flush what is queued (plus ``last``) and close the connection."""
+        self.closed = True
+        chunk = b"".join(self._out) + last
+        self._out.clear()
+        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+            if chunk:
+                await asyncio.wait_for(self.conn.send(chunk), 2.0)
+        await self.conn.close()
 
 
 class MqttSource:
-    """One persistent MQTT 5 session, reconnecting with backoff until closed."""
+    """One MQTT 5 session (persistent unless a snapshot), reconnecting until :meth:`close`."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        connect: ConnectFn | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
         on_reconnect: Callable[[], None] | None = None,
         resync: bool = False,
@@ -84,31 +279,39 @@ class MqttSource:
         # A snapshot session is throwaway: clean start, no expiry, QoS 0, every retained message
         # on subscribe, and only retained messages kept (live ones arrive on the main session).
         self.snapshot = snapshot
+        self._connect = connect or self._open
+        self._on_connection_change = on_connection_change or (lambda _up: None)
+        self._on_reconnect = on_reconnect or (lambda: None)
+        self._resync = resync
         self.subscribed_at: float | None = None
         self.last_retained_at: float | None = None
         self.retained_received = 0
         self.epoch = 0
         self.connected = False
         self.subscribed = False
+        self.subscribed_event = asyncio.Event()  # set once a subscription has succeeded
+        self.retained_requested = False  # the last subscription asked for every retained message
         self.session_present: bool | None = None
-        self.account_id: int | None = None
+        self.account_cid: int | None = None
+        self.keepalive = settings.keepalive
+        self.ended_reason: str | None = None  # why the last connection ended
         self._buffer: deque[Received] = deque()
+        self._buffered_bytes = 0
+        self._unacked = 0
+        self._unacked_bytes = 0
         self._available = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._may_read = asyncio.Event()
+        self._may_read.set()
         self._closing = asyncio.Event()
         self._draining = False
-        self._unacked = 0
-        self._paused = False
-        self._client: aiomqtt.Client | None = None
-        self._paho: Any = None  # the paho client of the current connection, from its CONNACK
-        self._sock_fd: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_connection_change = on_connection_change or (lambda _up: None)
-        self._on_reconnect = on_reconnect or (lambda: None)
-        self._resync = resync
-        self._max_qos = 1  # from the CONNACK; flespi's is 1
-        self.intake_errors = 0
+        self._link: _Link | None = None
+        self._last_heard = time.monotonic()
+        self._packet_ids = itertools.cycle(range(1, 65536))
+        self._pending: dict[int, asyncio.Future[mqtt5.Packet]] = {}
+        self._routes: dict[str, _Route] = {}
+        self._max_qos = 1
+        self._server_max_packet: int | None = None
+        self.refused_qos2 = 0
 
     # -- what the pipeline uses ---------------------------------------------------------------
 
@@ -118,6 +321,10 @@ class MqttSource:
         return self._unacked
 
     @property
+    def unacked_bytes(self) -> int:
+        return self._unacked_bytes
+
+    @property
     def buffered(self) -> int:
         return len(self._buffer)
 
@@ -125,17 +332,22 @@ class MqttSource:
         """Receive time of the oldest message still waiting to be taken, if any."""
         return self._buffer[0].inbound.received_at if self._buffer else None
 
-    async def take(self, max_messages: int, max_wait: float) -> list[Received]:
-        """Wait for the first message, then up to ``max_wait`` for a full batch."""
+    async def take(self, max_messages: int, max_wait: float, max_bytes: int | None = None) -> Batch:
+        """Wait for the first message, then up to ``max_wait`` for a full batch (``max_messages``
+        or ``max_bytes``, whichever comes first; always at least one message). Empty only once
+        stopping and drained."""
+        max_bytes = max_bytes or self.settings.max_batch_bytes
         while not self._buffer:
             self._available.clear()
             if self._closing.is_set() or self._draining:
-                return []
+                return self._batch([], 0)
             await self._available.wait()
-        if len(self._buffer) < max_messages and max_wait > 0:
+        if len(self._buffer) < max_messages and self._buffered_bytes < max_bytes and max_wait > 0:
             deadline = time.monotonic() + max_wait
-            while len(self._buffer) < max_messages and not (
-                self._closing.is_set() or self._draining
+            while (
+                len(self._buffer) < max_messages
+                and self._buffered_bytes < max_bytes
+                and not (self._closing.is_set() or self._draining)
             ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -143,39 +355,51 @@ class MqttSource:
                 self._available.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._available.wait(), remaining)
-        count = min(max_messages, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(count)]
+        buffer = self._buffer
+        taken: list[Received] = [buffer.popleft()]
+        size = taken[0].size
+        while buffer and len(taken) < max_messages and size + buffer[0].size <= max_bytes:
+            message = buffer.popleft()
+            taken.append(message)
+            size += message.size
+        self._buffered_bytes -= size
+        return self._batch(taken, size)
 
-    def ack(self, batch: list[Received]) -> int:
-        """PUBACK every message of a committed batch, in arrival order, in one write.
+    def _batch(self, messages: list[Received], size: int) -> Batch:
+        return Batch(messages, size, self._ack)
 
-        Only messages of the current connection are acked: a message id means nothing on
-        another connection, and the broker redelivers what an old connection left unacked.
-        """
-        paho = self._paho
-        mids = []
-        if paho is not None:
-            epoch = self.epoch
-            mids = [m.mid for m in batch if m.qos > 0 and m.epoch == epoch]
-            if mids:
-                paho._packet_queue(PUBACK, pubacks(mids), 0, 1)
-        self.release(len(batch))
-        return len(mids)
+    def _ack(self, batch: Batch) -> int:
+        link = self._link
+        count = 0
+        if link is not None and not link.closed:
+            epoch = link.epoch
+            packets = [
+                PubAckPacket(m.packet_id).write()
+                for m in batch.messages
+                if m.packet_id and m.epoch == epoch
+            ]
+            if packets and link.post(b"".join(packets)):
+                count = len(packets)
+        self._release(len(batch.messages), batch.size)
+        return count
 
-    def release(self, count: int) -> None:
-        """Forget ``count`` messages held in memory (acknowledged, or dropped for redelivery)."""
+    def _release(self, count: int, size: int) -> None:
         self._unacked = max(0, self._unacked - count)
-        low_water = self.settings.max_unacked // 2
-        if self._unacked <= low_water:
-            self._room.set()
-            if self._paused and not self._draining:
-                self._resume_reading()
+        self._unacked_bytes = max(0, self._unacked_bytes - size)
+        if (
+            not self._may_read.is_set()
+            and not self._draining
+            and self._unacked <= self.settings.max_unacked // 2
+            and self._unacked_bytes <= self.settings.max_unacked_bytes // 2
+        ):
+            self._last_heard = time.monotonic()  # the silence while paused was ours
+            self._may_read.set()
 
     def stop_reading(self) -> None:
         """Shutdown, first step: take nothing more from the broker; :meth:`take` returns what
         is buffered and then an empty batch. The connection stays up for the last acks."""
         self._draining = True
-        self._pause_reading()
+        self._may_read.clear()
         self._available.set()
 
     def close(self) -> None:
@@ -183,34 +407,96 @@ class MqttSource:
         self._closing.set()
         self._available.set()
 
+    def request_retained(self) -> None:
+        """Ask for every retained message on the next subscription (a full snapshot)."""
+        self._resync = True
+
+    # -- publishing and private subscriptions ---------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Publish once on the current connection; QoS 1 waits for the broker's PUBACK."""
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1 (flespi does not support QoS 2)")
+        link = self._link
+        if link is None or link.closed:
+            raise NotConnected("not connected to the broker")
+        packet_id = self._next_packet_id() if qos else None
+        data = PublishPacket(
+            topic,
+            payload,
+            qos=QoS(qos),
+            retain=retain,
+            packet_id=packet_id,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+            user_properties=list(user_properties),
+        ).write()
+        if self._server_max_packet is not None and len(data) > self._server_max_packet:
+            raise ValueError(
+                f"a {len(data)}-byte PUBLISH exceeds the broker's maximum packet size "
+                f"({self._server_max_packet})"
+            )
+        if packet_id is None:
+            link.post(data)
+            return
+        reply = await self._request(link, packet_id, data)
+        assert isinstance(reply, PubAckPacket)
+        if int(reply.reason_code) >= 0x80:
+            raise PublishRefused(f"PUBLISH to {topic} refused: {reply.reason_code.name}")
+
+    def route(
+        self,
+        topic_filter: str,
+        prefix: str,
+        queue: asyncio.Queue[PublishPacket],
+        *,
+        qos: int = 0,
+    ) -> None:
+        """Deliver messages whose topic starts with ``prefix`` to ``queue``, not the pipeline;
+        ``topic_filter`` is subscribed on every (re)connect, and now if connected."""
+        route = _Route(topic_filter, prefix, queue, qos)
+        self._routes[prefix] = route
+        link = self._link
+        if link is not None and not link.closed:
+            task = asyncio.get_running_loop().create_task(self._subscribe_routes(link, [route]))
+            task.add_done_callback(_log_failure)
+
+    def unroute(self, prefix: str) -> None:
+        self._routes.pop(prefix, None)
+
     # -- the session loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
         """Hold the session until :meth:`close`; reconnect with exponential backoff and jitter."""
-        self._loop = asyncio.get_running_loop()
         failures = 0
         while not self._closing.is_set():
-            await self._room.wait()  # never reconnect to a flood while memory is full
+            await self._wait_or_closing(self._room())  # never reconnect into a flood
             if self._closing.is_set():
                 break
             started = time.monotonic()
             try:
                 await self._session()
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT session to %s ended: %s", self._where(), exc)
-            except OSError as exc:
-                log.warning("MQTT connection to %s failed: %s", self._where(), exc)
-            except Exception:  # anything else still ends in a reconnect, never a dead session
+            except ConnectRefused as exc:
+                self.ended_reason = str(exc)
+                log.error("the broker at %s refused the connection: %s", self._where(), exc)
+            except (SessionEnded, OSError, TimeoutError) as exc:
+                self.ended_reason = str(exc) or type(exc).__name__
+                log.warning("MQTT session to %s ended: %s", self._where(), self.ended_reason)
+            except Exception as exc:  # anything else still ends in a reconnect, never a crash
+                self.ended_reason = repr(exc)
                 log.exception("MQTT session to %s failed unexpectedly", self._where())
             finally:
-                if self.connected:
-                    self.connected = False
-                    self._on_connection_change(False)
-                self.subscribed = False
-                self._client = None
-                self._paho = None
-                self._sock_fd = None
-                self._paused = False
+                self._disconnected()
             if self._closing.is_set():
                 break
             failures = 0 if time.monotonic() - started > 30 else failures + 1
@@ -220,214 +506,355 @@ class MqttSource:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
 
+    async def _room(self) -> None:
+        while self._unacked >= self.settings.max_unacked:
+            self._may_read.clear()
+            await self._may_read.wait()
+
+    async def _wait_or_closing(self, awaitable: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, closing):
+                t.cancel()
+
     @property
     def client_id(self) -> str:
         base = self.settings.effective_client_id()
         return f"{base}-snapshot" if self.snapshot else base
 
     def _where(self) -> str:
-        broker = self.settings.broker
-        return f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}"
+        return str(self.settings.broker)
 
-    def _make_client(self) -> aiomqtt.Client:
+    async def _open(self) -> Connection:
         s = self.settings
-        broker = s.broker
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0 if self.snapshot else s.session_expiry
-        props.ReceiveMaximum = min(s.max_unacked, 65535)
-        token = s.token.reveal() or None
-        tls_context = None
-        if broker.tls:
-            tls_context = ssl.create_default_context(cafile=s.ca_file)
-        client = aiomqtt.Client(
-            hostname=broker.host,
-            port=broker.port,
-            username=None if s.token_in_password else token,
-            password=token if s.token_in_password else None,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=self.snapshot,
-            properties=props,
-            keepalive=s.keepalive,
-            tls_context=tls_context,
-            timeout=30,
+        return await open_connection(
+            s.broker, ca_file=s.ca_file, max_message_bytes=s.max_packet_bytes + 65536
         )
-        paho = client._client
-        paho.manual_ack_set(True)
-        paho.on_message = self._on_message
-        aiomqtt_on_connect: Any = paho.on_connect
-        aiomqtt_on_socket_open: Any = paho.on_socket_open
 
-        def on_connect(
-            c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None
-        ) -> None:
-            # A new epoch before any PUBLISH of this connection is read (they may arrive in the
-            # same read as the CONNACK), so every message carries the epoch it can be acked on.
-            self.epoch += 1
-            self._paho = c
-            self.session_present = bool(getattr(flags, "session_present", False))
-            self._read_connack(properties)
-            aiomqtt_on_connect(c, userdata, flags, reason, properties)
-
-        def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
-            self._sock_fd = sock.fileno()
-            aiomqtt_on_socket_open(c, userdata, sock)
-
-        paho.on_connect = on_connect
-        paho.on_socket_open = on_socket_open
-        paho_handle_publish = paho._handle_publish
-
-        def handle_publish() -> Any:
-            """Our PUBLISH reader (wire.py); paho's own for anything unusual."""
-            parsed = parse_publish(paho._in_packet["command"], paho._in_packet["packet"])
-            if parsed is None:
-                return paho_handle_publish()
-            self._accept(
-                parsed.topic.decode("utf-8", errors="replace"),
-                parsed.payload,
-                parsed.properties,
-                parsed.mid,
-                parsed.qos,
-                parsed.retain,
-            )
-            return MQTT_ERR_SUCCESS
-
-        paho._handle_publish = handle_publish  # type: ignore[method-assign]
-        return client
-
-    def _read_connack(self, properties: Any) -> None:
-        user = _user_properties(properties)
-        token_info = user.get("token")
-        if token_info:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                cid = json.loads(token_info).get("cid")
-                self.account_id = int(cid) if cid is not None else None
-        self._max_qos = int(getattr(properties, "MaximumQoS", 1) or 0) if properties else 1
+    def _connect_packet(self) -> bytes:
+        s = self.settings
+        token = s.token.reveal() or None
+        return ConnectPacket(
+            self.client_id,
+            username=None if s.token_in_password else token,
+            password=token.encode() if (token and s.token_in_password) else None,
+            clean_start=self.snapshot,
+            keep_alive=s.keepalive,
+            session_expiry_interval=0 if self.snapshot else s.session_expiry,
+            receive_max=min(s.max_unacked, RECEIVE_MAXIMUM_LIMIT),
+            max_packet_size=s.max_packet_bytes,
+            topic_alias_max=0,  # never: aliases would tie messages to connection state
+        ).write()
 
     async def _session(self) -> None:
-        client = self._make_client()
-        async with client:
-            self._client = client
-            self._paused = False
-            self.connected = True
-            if self._draining:
-                self._pause_reading()
-            self._on_connection_change(True)
-            log.info(
-                "connected to %s as %s (session present: %s%s)",
-                self._where(),
-                self.client_id,
-                self.session_present,
-                f", account {self.account_id}" if self.account_id else "",
-            )
-            # Subscribe without waiting: with a backlog queued in the session, the broker may
-            # send the SUBACK only after the backlog, which we must consume meanwhile.
-            subscribing = asyncio.create_task(self._subscribe(client))
-            disconnected: asyncio.Future[None] = client._disconnected
-            closing = asyncio.create_task(self._closing.wait())
-            waiting: set[asyncio.Future[Any]] = {disconnected, closing}
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                closing.cancel()
-                subscribing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await subscribing
-            if disconnected.done():
-                exc = disconnected.exception()
-                if exc is not None:
-                    raise aiomqtt.MqttError(f"connection lost: {exc}")
-            # Leaving the context sends DISCONNECT; the session expiry from CONNECT stays, so
-            # the broker keeps queueing for us until we return.
+        conn = await self._connect()
+        inbox = Inbox(self.settings.max_packet_bytes)
+        link: _Link | None = None
+        try:
+            link = await self._handshake(conn, inbox)
+            await self._serve(link, inbox)
+        except ProtocolViolation as exc:
+            if link is not None:
+                await link.finish(DisconnectPacket(reason_code=exc.code).write())
+                link = None
+            raise
+        finally:
+            if link is not None:
+                normal = self._closing.is_set()
+                last = DisconnectPacket().write() if normal else b""
+                await link.finish(last)
+            else:
+                await conn.close()
 
-    async def _subscribe(self, client: aiomqtt.Client) -> None:
-        qos = 0 if self.snapshot else min(1, self._max_qos)
-        # retainHandling=1: retained messages only for a subscription the session lacks, so a
-        # reconnect to a persistent session does not replay the whole retained state.
-        retain_handling = 0 if (self._resync or self.snapshot) else 1
-        filters = self.settings.snapshot_topics if self.snapshot else self.settings.subscriptions
-        topics = [
-            (topic, SubscribeOptions(qos=qos, retainHandling=retain_handling)) for topic in filters
+    async def _handshake(self, conn: Connection, inbox: Inbox) -> _Link:
+        await conn.send(self._connect_packet())
+        packets: list[tuple[mqtt5.Packet, int]] = []
+        async with asyncio.timeout(max(10.0, float(self.settings.keepalive))):
+            while not packets:
+                data = await conn.read()
+                if not data:
+                    raise SessionEnded("the broker closed the connection before CONNACK")
+                packets = inbox.feed(data)
+        connack = packets[0][0]
+        if not isinstance(connack, ConnAckPacket):
+            raise ProtocolViolation(
+                DisconnectReasonCode.PROTOCOL_ERROR,
+                f"expected CONNACK, got {type(connack).__name__}",
+            )
+        if connack.reason_code != ConnAckReasonCode.SUCCESS:
+            raise ConnectRefused(_reason_text(connack.reason_code, connack.reason_str))
+        self.epoch += 1
+        link = _Link(conn, self.epoch)
+        self._link = link
+        self.session_present = connack.session_present
+        self.account_cid = account_cid_from(connack)
+        self.keepalive = (
+            connack.server_keep_alive
+            if connack.server_keep_alive is not None
+            else self.settings.keepalive
+        )
+        self._max_qos = int(connack.max_qos)
+        self._server_max_packet = connack.max_packet_size
+        self._last_heard = time.monotonic()
+        self.connected = True
+        self._on_connection_change(True)
+        log.info(
+            "connected to %s as %s (session present: %s%s)",
+            self._where(),
+            self.client_id,
+            self.session_present,
+            f", account {self.account_cid}" if self.account_cid else "",
+        )
+        self._dispatch(link, packets[1:])  # PUBLISHes may come in the same read as CONNACK
+        return link
+
+    async def _serve(self, link: _Link, inbox: Inbox) -> None:
+        tasks = [
+            asyncio.create_task(self._receive(link, inbox), name="mqtt-receive"),
+            asyncio.create_task(link.writer(), name="mqtt-send"),
+            asyncio.create_task(self._keepalive(link), name="mqtt-keepalive"),
+            asyncio.create_task(self._closing.wait(), name="mqtt-closing"),
         ]
-        codes = await client.subscribe(topics, timeout=None)
+        subscribing = asyncio.create_task(self._subscribe(link), name="mqtt-subscribe")
+        subscribing.add_done_callback(_log_failure)
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in [*tasks, subscribing]:
+                task.cancel()
+            await asyncio.gather(*tasks, subscribing, return_exceptions=True)
+
+    def _disconnected(self) -> None:
+        if self._link is not None:
+            self._link.closed = True
+        self._link = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotConnected("the connection was lost"))
+        self._pending.clear()
+        self.subscribed = False
+        if self.connected:
+            self.connected = False
+            self._on_connection_change(False)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def _receive(self, link: _Link, inbox: Inbox) -> None:
+        conn = link.conn
+        may_read = self._may_read
+        while True:
+            if not may_read.is_set():
+                log.debug("holding %d unacked messages: paused reading", self._unacked)
+                await may_read.wait()
+            data = await conn.read()
+            if not data:
+                raise SessionEnded("the broker closed the connection")
+            self._last_heard = time.monotonic()
+            self._dispatch(link, inbox.feed(data))
+
+    def _dispatch(self, link: _Link, packets: list[tuple[mqtt5.Packet, int]]) -> None:
+        if not packets:
+            return
+        now = time.time()
+        before = len(self._buffer)
+        for packet, size in packets:
+            if type(packet) is PublishPacket:
+                self._on_publish(link, packet, size, now)
+            else:
+                self._on_control(link, packet)
+        if len(self._buffer) != before:
+            self._available.set()
+        if (
+            self._unacked >= self.settings.max_unacked
+            or self._unacked_bytes >= self.settings.max_unacked_bytes
+        ):
+            self._may_read.clear()
+
+    def _on_publish(self, link: _Link, packet: PublishPacket, size: int, now: float) -> None:
+        qos = packet.qos
+        if packet.topic_alias is not None:
+            raise ProtocolViolation(
+                DisconnectReasonCode.TOPIC_ALIAS_INVALID,
+                "the broker used a topic alias, which we never allow (Topic Alias Maximum 0)",
+            )
+        if qos == QoS.EXACTLY_ONCE:
+            self._refuse_qos2(link, packet)
+            return
+        topic = packet.topic
+        if self._routes:
+            for route in self._routes.values():
+                if topic.startswith(route.prefix):
+                    self._deliver_routed(link, route, packet)
+                    return
+        if self.snapshot:
+            if not packet.retain:
+                return  # live traffic: the main session delivers it (QoS 0: nothing to ack)
+            self.last_retained_at = time.monotonic()
+            self.retained_received += 1
+        inbound = Inbound(
+            topic, packet.payload, dict(packet.user_properties), now, packet.retain, int(qos)
+        )
+        self._buffer.append(Received(inbound, packet.packet_id or 0, size, link.epoch))
+        self._buffered_bytes += size
+        self._unacked += 1
+        self._unacked_bytes += size
+
+    def _refuse_qos2(self, link: _Link, packet: PublishPacket) -> None:
+        self.refused_qos2 += 1
+        log.error(
+            "refused a QoS 2 message on %s (we subscribe at QoS 1 and never acknowledge QoS 2)",
+            packet.topic,
+        )
+        link.post(
+            PubRecPacket(
+                packet.packet_id or 0, reason_code=PubRecReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
+            ).write()
+        )
+
+    def _deliver_routed(self, link: _Link, route: _Route, packet: PublishPacket) -> None:
+        try:
+            route.queue.put_nowait(packet)
+        except asyncio.QueueFull:
+            log.warning("dropped a message on %s: its consumer's queue is full", packet.topic)
+        if packet.qos and packet.packet_id:
+            link.post(PubAckPacket(packet.packet_id).write())
+
+    def _on_control(self, link: _Link, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, SubAckPacket | PubAckPacket):
+            future = self._pending.pop(packet.packet_id, None)
+            if future is not None and not future.done():
+                future.set_result(packet)
+            return
+        if isinstance(packet, PingRespPacket):
+            return
+        if isinstance(packet, DisconnectPacket):
+            raise SessionEnded(self._disconnect_reason(packet))
+        if isinstance(packet, PubRelPacket):  # only after a QoS 2 we refused: end that flow
+            link.post(mqtt5.PubCompPacket(packet.packet_id).write())
+            return
+        raise ProtocolViolation(
+            DisconnectReasonCode.PROTOCOL_ERROR,
+            f"the broker sent an unexpected {type(packet).__name__}",
+        )
+
+    @staticmethod
+    def _disconnect_reason(packet: DisconnectPacket) -> str:
+        code = packet.reason_code
+        detail = f": {packet.reason_str}" if packet.reason_str else ""
+        if code == DisconnectReasonCode.SESSION_TAKEN_OVER:
+            return (
+                "the broker disconnected us: another client connected with the same client id "
+                f"(DISCONNECT 0x8E){detail}"
+            )
+        return f"the broker disconnected us: {_reason_text(code, packet.reason_str)}"
+
+    # -- keepalive ------------------------------------------------------------------------------
+
+    async def _keepalive(self, link: _Link) -> None:
+        keepalive = self.keepalive
+        if keepalive <= 0:
+            await asyncio.Event().wait()  # keepalive off: wait to be cancelled
+        tick = min(1.0, keepalive / 10)
+        pinged_at = 0.0
+        ping = PingReqPacket().write()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if not self._may_read.is_set():
+                self._last_heard = now  # we are not reading: the silence is ours
+            silent = now - self._last_heard
+            if silent >= DEAD_AFTER * keepalive:
+                raise SessionEnded(
+                    f"nothing heard from the broker for {silent:.1f}s (keepalive {keepalive}s): "
+                    "the connection is presumed dead"
+                )
+            quiet = silent >= keepalive or now - link.last_sent >= keepalive
+            if quiet and now - pinged_at >= keepalive / 2:
+                pinged_at = now
+                link.post(ping)
+
+    # -- subscribing ----------------------------------------------------------------------------
+
+    def _next_packet_id(self) -> int:
+        for packet_id in self._packet_ids:
+            if packet_id not in self._pending:
+                return packet_id
+        raise AssertionError("unreachable: the id cycle never ends")
+
+    async def _request(self, link: _Link, packet_id: int, data: bytes) -> mqtt5.Packet:
+        future: asyncio.Future[mqtt5.Packet] = asyncio.get_running_loop().create_future()
+        self._pending[packet_id] = future
+        if not link.post(data):
+            self._pending.pop(packet_id, None)
+            raise NotConnected("not connected to the broker")
+        return await future  # no timeout: the connection's end fails it (see _disconnected)
+
+    async def _subscribe(self, link: _Link) -> None:
+        qos = 0 if self.snapshot else min(1, self._max_qos)
+        # retain_handling=1: retained messages only for a subscription the session lacks, so a
+        # reconnect to a persistent session does not replay the whole retained state.
+        everything = self._resync or self.snapshot
+        handling = (
+            RetainHandling.SEND_ALWAYS
+            if everything
+            else RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS
+        )
+        filters = self.settings.snapshot_topics if self.snapshot else self.settings.subscriptions
+        topic_filters = [
+            TopicFilter(f, max_qos=QoS(qos), retain_as_published=False, retain_handling=handling)
+            for f in filters
+        ]
+        packet_id = self._next_packet_id()
+        reply = await self._request(
+            link, packet_id, SubscribePacket(packet_id, topic_filters).write()
+        )
+        assert isinstance(reply, SubAckPacket)
         failed = [
-            (topic, str(code))
-            for (topic, _), code in zip(topics, codes, strict=False)
-            if getattr(code, "value", 0) >= 0x80
+            (f, code.name)
+            for f, code in zip(filters, reply.reason_codes, strict=False)
+            if int(code) >= 0x80
         ]
         if failed:
             log.error("the broker refused subscriptions: %s", failed)
-        else:
-            self._resync = False
-            self.subscribed = True
-            self.subscribed_at = time.monotonic()
-            log.info("subscribed to %s", ", ".join(topic for topic, _ in topics))
-
-    # -- intake (runs inside paho's read callback, on the event loop thread) ------------------
-
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        """paho's callback, for the packets :func:`wire.parse_publish` leaves to paho."""
-        try:
-            topic = message._topic.decode("utf-8", errors="replace")
-            properties = _user_properties(getattr(message, "properties", None))
-            payload = bytes(message.payload)
-        except Exception:
-            self.intake_errors += 1
-            log.exception("could not take a message off the wire")
             return
-        self._accept(topic, payload, properties, int(message.mid), int(message.qos), message.retain)
+        self._resync = False
+        self.retained_requested = everything or not self.session_present
+        self.subscribed = True
+        self.subscribed_at = time.monotonic()
+        self.subscribed_event.set()
+        log.info("subscribed to %s", ", ".join(filters))
+        if self._routes and not self.snapshot:
+            await self._subscribe_routes(link, list(self._routes.values()))
 
-    def _accept(
-        self,
-        topic: str,
-        payload: bytes,
-        properties: dict[str, str],
-        mid: int,
-        qos: int,
-        retain: bool,
-    ) -> None:
-        """Buffer one received message; pause reading at the bound. Never raises."""
-        if self.snapshot:
-            if not retain:
-                return  # live traffic: the main session delivers it
-            self.last_retained_at = time.monotonic()
-            self.retained_received += 1
-        inbound = Inbound(topic, payload, properties, time.time(), bool(retain), qos)
-        self._buffer.append(Received(inbound, mid, qos, self.epoch))
-        self._unacked += 1
-        self._available.set()
-        if self._unacked >= self.settings.max_unacked:
-            self._room.clear()
-            self._pause_reading()
+    async def _subscribe_routes(self, link: _Link, routes: list[_Route]) -> None:
+        packet_id = self._next_packet_id()
+        topic_filters = [TopicFilter(r.topic_filter, max_qos=QoS(r.qos)) for r in routes]
+        reply = await self._request(
+            link, packet_id, SubscribePacket(packet_id, topic_filters).write()
+        )
+        assert isinstance(reply, SubAckPacket)
+        for route, code in zip(routes, reply.reason_codes, strict=False):
+            if int(code) >= 0x80:
+                log.error(
+                    "the broker refused the subscription %s: %s", route.topic_filter, code.name
+                )
 
-    def _pause_reading(self) -> None:
-        if self._paused or self._sock_fd is None or self._loop is None:
-            return
-        self._loop.remove_reader(self._sock_fd)
-        self._paused = True
-        log.debug("holding %d unacked messages: paused reading from the broker", self._unacked)
 
-    def _resume_reading(self) -> None:
-        if not self._paused or self._sock_fd is None or self._loop is None or not self.connected:
-            self._paused = False
-            return
-        self._loop.add_reader(self._sock_fd, self._read_socket)
-        self._paused = False
-        log.debug("resumed reading from the broker")
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, NotConnected):
+        log.error("MQTT subscription failed: %s", exc)
 
-    def _read_socket(self) -> None:
-        """The socket reader while we own it (after a pause); mirrors aiomqtt's own."""
-        client = self._client
-        if client is None:
-            return
-        paho = client._client
-        try:
-            while True:
-                paho.loop_read()
-                sock: Any = paho._sock
-                if self._paused or not (hasattr(sock, "pending") and sock.pending() > 0):
-                    break
-        except Exception as exc:
-            disconnected = client._disconnected
-            if not disconnected.done():
-                disconnected.set_exception(exc)
+
+def _reason_text(code: ConnAckReasonCode | DisconnectReasonCode, reason: str | None) -> str:
+    """``Not authorized (0x87)``, with the broker's reason string when it sent one."""
+    text = f"{code.name.replace('_', ' ').capitalize()} (0x{int(code):02X})"
+    return f"{text}: {reason}" if reason else text
