@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import random
 import time
@@ -75,8 +74,29 @@ from mqtt5 import (
 )
 
 from mirror.config import Settings
+from mirror.mqtt import (
+    ConnectRefused,
+    Inbox,
+    Link,
+    NotConnected,
+    ProtocolViolation,
+    PublishRefused,
+    SessionEnded,
+    account_cid_from,
+    reason_text,
+)
 from mirror.records import Inbound
 from mirror.transport import Connection, open_connection
+
+__all__ = [
+    "Batch",
+    "ConnectRefused",
+    "MqttSource",
+    "NotConnected",
+    "PublishRefused",
+    "Received",
+    "SessionEnded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +106,6 @@ DEAD_AFTER = 1.5  # x keepalive of silence while reading: the connection is pres
 RECEIVE_MAXIMUM_LIMIT = 65535
 
 ConnectFn = Callable[[], Awaitable[Connection]]
-
-
-class SessionEnded(Exception):
-    """The connection ended; the session reconnects. The message says why."""
-
-
-class ProtocolViolation(SessionEnded):
-    """The broker sent something MQTT 5 forbids; we DISCONNECT with ``code`` and reconnect."""
-
-    def __init__(self, code: DisconnectReasonCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ConnectRefused(SessionEnded):
-    """The broker answered CONNECT with a failure reason code."""
-
-
-class NotConnected(Exception):
-    """No connection to publish on, or it was lost before the broker acknowledged."""
-
-
-class PublishRefused(Exception):
-    """The broker answered a QoS 1 PUBLISH with a failure reason code."""
 
 
 @dataclass(slots=True)
@@ -158,110 +154,6 @@ class _Route:
     qos: int
 
 
-class Inbox:
-    """Bytes in, whole packets out (with their wire size). Pure: no I/O."""
-
-    def __init__(self, max_packet_bytes: int) -> None:
-        self.max_packet_bytes = max_packet_bytes
-        self._pending = b""
-
-    def feed(self, data: bytes) -> list[tuple[mqtt5.Packet, int]]:
-        buf = self._pending + data if self._pending else data
-        view = memoryview(buf)
-        end = len(buf)
-        pos = 0
-        packets: list[tuple[mqtt5.Packet, int]] = []
-        read = mqtt5.read
-        while pos < end:
-            try:
-                packet, size = read(view[pos:])
-            except IndexError:  # a partial packet: wait for more bytes
-                self._check_declared_size(buf, pos)
-                break
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ProtocolViolation(
-                    DisconnectReasonCode.MALFORMED_PACKET, f"malformed packet: {exc}"
-                ) from exc
-            except BaseException as exc:  # pyo3 panics derive from BaseException
-                if type(exc).__name__ != "PanicException":
-                    raise
-                raise ProtocolViolation(
-                    DisconnectReasonCode.MALFORMED_PACKET, f"malformed packet: {exc}"
-                ) from None
-            packets.append((packet, size))
-            pos += size
-        view.release()
-        self._pending = buf[pos:] if pos < end else b""
-        return packets
-
-    def _check_declared_size(self, buf: bytes, pos: int) -> None:
-        """Refuse a packet that announces itself larger than Maximum Packet Size before its
-        bytes pile up (a broker that ignores the limit must not take our memory)."""
-        length, shift, index = 0, 0, pos + 1
-        while index < len(buf) and shift <= 21:
-            byte = buf[index]
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                if length + 1 + (index - pos) > self.max_packet_bytes:
-                    raise ProtocolViolation(
-                        DisconnectReasonCode.PACKET_TOO_LARGE,
-                        f"the broker sent a {length}-byte packet; we accept "
-                        f"{self.max_packet_bytes} at most",
-                    )
-                return
-            shift += 7
-            index += 1
-
-
-def account_cid_from(connack: ConnAckPacket) -> int | None:
-    """flespi's CONNACK user property ``token`` is JSON holding ``cid``, the account id."""
-    for name, value in connack.user_properties:
-        if name != "token":
-            continue
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            cid = json.loads(value).get("cid")
-            return int(cid) if cid is not None else None
-    return None
-
-
-class _Link:
-    """One live connection: its outgoing packets go through one writer, in order."""
-
-    def __init__(self, conn: Connection, epoch: int) -> None:
-        self.conn = conn
-        self.epoch = epoch
-        self.closed = False
-        self.last_sent = time.monotonic()
-        self._out: list[bytes] = []
-        self._wake = asyncio.Event()
-
-    def post(self, data: bytes) -> bool:
-        if self.closed:
-            return False
-        self._out.append(data)
-        self._wake.set()
-        self.last_sent = time.monotonic()
-        return True
-
-    async def writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            chunk = b"".join(self._out)
-            self._out.clear()
-            await self.conn.send(chunk)
-
-    async def finish(self, last: bytes = b"") -> None:
-        """Flush what is queued (plus ``last``) and close the connection."""
-        self.closed = True
-        chunk = b"".join(self._out) + last
-        self._out.clear()
-        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-            if chunk:
-                await asyncio.wait_for(self.conn.send(chunk), 2.0)
-        await self.conn.close()
-
-
 class MqttSource:
     """One MQTT 5 session (persistent unless a snapshot), reconnecting until :meth:`close`."""
 
@@ -304,7 +196,7 @@ class MqttSource:
         self._may_read.set()
         self._closing = asyncio.Event()
         self._draining = False
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._last_heard = time.monotonic()
         self._packet_ids = itertools.cycle(range(1, 65536))
         self._pending: dict[int, asyncio.Future[mqtt5.Packet]] = {}
@@ -552,7 +444,7 @@ class MqttSource:
     async def _session(self) -> None:
         conn = await self._connect()
         inbox = Inbox(self.settings.max_packet_bytes)
-        link: _Link | None = None
+        link: Link | None = None
         try:
             link = await self._handshake(conn, inbox)
             await self._serve(link, inbox)
@@ -569,7 +461,7 @@ class MqttSource:
             else:
                 await conn.close()
 
-    async def _handshake(self, conn: Connection, inbox: Inbox) -> _Link:
+    async def _handshake(self, conn: Connection, inbox: Inbox) -> Link:
         await conn.send(self._connect_packet())
         packets: list[tuple[mqtt5.Packet, int]] = []
         async with asyncio.timeout(max(10.0, float(self.settings.keepalive))):
@@ -585,9 +477,9 @@ class MqttSource:
                 f"expected CONNACK, got {type(connack).__name__}",
             )
         if connack.reason_code != ConnAckReasonCode.SUCCESS:
-            raise ConnectRefused(_reason_text(connack.reason_code, connack.reason_str))
+            raise ConnectRefused(reason_text(connack.reason_code, connack.reason_str))
         self.epoch += 1
-        link = _Link(conn, self.epoch)
+        link = Link(conn, self.epoch)
         self._link = link
         self.session_present = connack.session_present
         self.account_cid = account_cid_from(connack)
@@ -608,10 +500,11 @@ class MqttSource:
             self.session_present,
             f", account {self.account_cid}" if self.account_cid else "",
         )
-        self._dispatch(link, packets[1:])  # PUBLISHes may come in the same read as CONNACK
+        # PUBLISHes may come in the same read as the CONNACK
+        link.undispatched = self._dispatch(link, packets[1:])
         return link
 
-    async def _serve(self, link: _Link, inbox: Inbox) -> None:
+    async def _serve(self, link: Link, inbox: Inbox) -> None:
         tasks = [
             asyncio.create_task(self._receive(link, inbox), name="mqtt-receive"),
             asyncio.create_task(link.writer(), name="mqtt-send"),
@@ -645,38 +538,45 @@ class MqttSource:
 
     # -- receiving ------------------------------------------------------------------------------
 
-    async def _receive(self, link: _Link, inbox: Inbox) -> None:
+    async def _receive(self, link: Link, inbox: Inbox) -> None:
         conn = link.conn
         may_read = self._may_read
         while True:
             if not may_read.is_set():
                 log.debug("holding %d unacked messages: paused reading", self._unacked)
                 await may_read.wait()
+            if link.undispatched:  # decoded before the bound was reached: first in line
+                link.undispatched = self._dispatch(link, link.undispatched)
+                continue
             data = await conn.read()
             if not data:
                 raise SessionEnded("the broker closed the connection")
             self._last_heard = time.monotonic()
-            self._dispatch(link, inbox.feed(data))
+            link.undispatched = self._dispatch(link, inbox.feed(data))
 
-    def _dispatch(self, link: _Link, packets: list[tuple[mqtt5.Packet, int]]) -> None:
-        if not packets:
-            return
+    def _dispatch(
+        self, link: Link, packets: list[tuple[mqtt5.Packet, int]]
+    ) -> list[tuple[mqtt5.Packet, int]]:
+        """Handle packets in order until the memory bound is reached; return the rest."""
         now = time.time()
         before = len(self._buffer)
-        for packet, size in packets:
+        max_unacked = self.settings.max_unacked
+        max_bytes = self.settings.max_unacked_bytes
+        rest: list[tuple[mqtt5.Packet, int]] = []
+        for index, (packet, size) in enumerate(packets):
             if type(packet) is PublishPacket:
                 self._on_publish(link, packet, size, now)
+                if self._unacked >= max_unacked or self._unacked_bytes >= max_bytes:
+                    self._may_read.clear()
+                    rest = packets[index + 1 :]
+                    break
             else:
                 self._on_control(link, packet)
         if len(self._buffer) != before:
             self._available.set()
-        if (
-            self._unacked >= self.settings.max_unacked
-            or self._unacked_bytes >= self.settings.max_unacked_bytes
-        ):
-            self._may_read.clear()
+        return rest
 
-    def _on_publish(self, link: _Link, packet: PublishPacket, size: int, now: float) -> None:
+    def _on_publish(self, link: Link, packet: PublishPacket, size: int, now: float) -> None:
         qos = packet.qos
         if packet.topic_alias is not None:
             raise ProtocolViolation(
@@ -705,7 +605,7 @@ class MqttSource:
         self._unacked += 1
         self._unacked_bytes += size
 
-    def _refuse_qos2(self, link: _Link, packet: PublishPacket) -> None:
+    def _refuse_qos2(self, link: Link, packet: PublishPacket) -> None:
         self.refused_qos2 += 1
         log.error(
             "refused a QoS 2 message on %s (we subscribe at QoS 1 and never acknowledge QoS 2)",
@@ -717,7 +617,7 @@ class MqttSource:
             ).write()
         )
 
-    def _deliver_routed(self, link: _Link, route: _Route, packet: PublishPacket) -> None:
+    def _deliver_routed(self, link: Link, route: _Route, packet: PublishPacket) -> None:
         try:
             route.queue.put_nowait(packet)
         except asyncio.QueueFull:
@@ -725,7 +625,7 @@ class MqttSource:
         if packet.qos and packet.packet_id:
             link.post(PubAckPacket(packet.packet_id).write())
 
-    def _on_control(self, link: _Link, packet: mqtt5.Packet) -> None:
+    def _on_control(self, link: Link, packet: mqtt5.Packet) -> None:
         if isinstance(packet, SubAckPacket | PubAckPacket):
             future = self._pending.pop(packet.packet_id, None)
             if future is not None and not future.done():
@@ -752,11 +652,11 @@ class MqttSource:
                 "the broker disconnected us: another client connected with the same client id "
                 f"(DISCONNECT 0x8E){detail}"
             )
-        return f"the broker disconnected us: {_reason_text(code, packet.reason_str)}"
+        return f"the broker disconnected us: {reason_text(code, packet.reason_str)}"
 
     # -- keepalive ------------------------------------------------------------------------------
 
-    async def _keepalive(self, link: _Link) -> None:
+    async def _keepalive(self, link: Link) -> None:
         keepalive = self.keepalive
         if keepalive <= 0:
             await asyncio.Event().wait()  # keepalive off: wait to be cancelled
@@ -787,7 +687,7 @@ class MqttSource:
                 return packet_id
         raise AssertionError("unreachable: the id cycle never ends")
 
-    async def _request(self, link: _Link, packet_id: int, data: bytes) -> mqtt5.Packet:
+    async def _request(self, link: Link, packet_id: int, data: bytes) -> mqtt5.Packet:
         future: asyncio.Future[mqtt5.Packet] = asyncio.get_running_loop().create_future()
         self._pending[packet_id] = future
         if not link.post(data):
@@ -795,7 +695,7 @@ class MqttSource:
             raise NotConnected("not connected to the broker")
         return await future  # no timeout: the connection's end fails it (see _disconnected)
 
-    async def _subscribe(self, link: _Link) -> None:
+    async def _subscribe(self, link: Link) -> None:
         qos = 0 if self.snapshot else min(1, self._max_qos)
         # retain_handling=1: retained messages only for a subscription the session lacks, so a
         # reconnect to a persistent session does not replay the whole retained state.
@@ -832,7 +732,7 @@ class MqttSource:
         if self._routes and not self.snapshot:
             await self._subscribe_routes(link, list(self._routes.values()))
 
-    async def _subscribe_routes(self, link: _Link, routes: list[_Route]) -> None:
+    async def _subscribe_routes(self, link: Link, routes: list[_Route]) -> None:
         packet_id = self._next_packet_id()
         topic_filters = [TopicFilter(r.topic_filter, max_qos=QoS(r.qos)) for r in routes]
         reply = await self._request(
@@ -852,9 +752,3 @@ def _log_failure(task: asyncio.Task[None]) -> None:
     exc = task.exception()
     if exc is not None and not isinstance(exc, NotConnected):
         log.error("MQTT subscription failed: %s", exc)
-
-
-def _reason_text(code: ConnAckReasonCode | DisconnectReasonCode, reason: str | None) -> str:
-    """``Not authorized (0x87)``, with the broker's reason string when it sent one."""
-    text = f"{code.name.replace('_', ' ').capitalize()} (0x{int(code):02X})"
-    return f"{text}: {reason}" if reason else text

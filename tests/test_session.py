@@ -35,7 +35,8 @@ from mqtt5 import (
 )
 
 from mirror.config import Settings
-from mirror.source import Inbox, MqttSource, ProtocolViolation
+from mirror.mqtt import Inbox, ProtocolViolation
+from mirror.source import MqttSource
 
 P = TypeVar("P")
 KIB = 1024
@@ -268,6 +269,22 @@ async def test_reading_pauses_at_the_byte_bound_and_resumes_after_the_ack():
             taken += len(more)
             more.ack()
         await until(lambda: len(broker.of(PubAckPacket)) == 40)
+
+
+async def test_reading_stops_exactly_at_the_message_bound_even_within_one_read():
+    async with session(max_unacked=10, batch_size=10) as h:
+        await subscribed(h)
+        h.brokers[0].push(*(publish(i) for i in range(1, 31)))  # one read, 30 messages
+        await until(lambda: h.source.unacked == 10)
+        await asyncio.sleep(0.1)
+        assert h.source.unacked == 10
+        taken = 0
+        while taken < 30:
+            batch = await asyncio.wait_for(h.source.take(10, 0.0), 2)
+            assert h.source.unacked <= 10
+            taken += len(batch)
+            batch.ack()
+        assert taken == 30
 
 
 async def test_account_cid_comes_from_the_connack_token_property():
