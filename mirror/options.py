@@ -181,8 +181,8 @@ OPTIONS: tuple[Option, ...] = (
         "mqtt_url",
         "Broker: mqtts:// is TLS with certificate verification, mqtt:// plain; MQTT over "
         "WebSockets: wss://host:443/path (TLS, verified) or ws://host:80/path, for networks that "
-        "only let 443 out. Use ru-mqtt.flespi.io for the RU region. User info (user:password@) is refused: pass the "
-        "token with --token-file.",
+        "only let 443 out. Use ru-mqtt.flespi.io for the RU region. User info "
+        "(user:password@) is refused: pass the token with --token-file.",
         metavar="URL",
     ),
     Option(

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from mirror.testing import (
+from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
+from tests.launchers import (
     ConfiguredMosquittoBroker,
     TestCertificates,
     free_port,
     make_test_certificates,
 )
-from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
 
 TS = 1_731_990_000.0
 
