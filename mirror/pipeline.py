@@ -21,6 +21,7 @@ from mirror import metrics, partitions
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
+from mirror.failures import database_unreachable
 from mirror.records import Inbound, Reason, Record, Rejection
 from mirror.snapshot import (
     SnapshotCoordinator,
@@ -28,7 +29,7 @@ from mirror.snapshot import (
     record_retained_state,
 )
 from mirror.source import Batch, MqttSource, Received
-from mirror.store import DatabaseUnavailable, Store, WriteResult, is_retryable
+from mirror.store import DatabaseUnavailable, Store, WriteResult
 from mirror.topics import (
     decode,
 )
@@ -97,8 +98,8 @@ class Mirror:
                 self.health.update(database_ok=True)
                 return
             except Exception as exc:
-                if not isinstance(exc, OSError | TimeoutError) and not is_retryable(exc):
-                    raise
+                if not database_unreachable(exc):
+                    raise  # the database said no, or a bug: stopping says so (see failures.py)
                 error = exc
             self.health.update(database_ok=False)
             log.warning("database not reachable yet (%s); retrying in %.1fs", error, delay)

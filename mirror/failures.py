@@ -1,0 +1,131 @@
+"""What a failure while starting means: wait for the database, or stop with one clear line.
+
+Only a database that cannot be reached is waited for (refused or reset connections, timeouts,
+a server starting up or out of connection slots). A database that answers "no" (no such
+database, authentication failed, permission denied, a certificate that does not verify) is a
+configuration error: waiting would hide it, so the daemon stops with one line naming the
+setting and what to do, and exits 2. Anything else is a bug and crashes loudly, with its
+traceback: it must not look like an outage.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
+
+# SQLSTATEs of a server that is there but cannot take us yet.
+_UNREACHABLE_SQLSTATES = {"57P03", "53300", "08000", "08001", "08003", "08004", "08006"}
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE, errno.ENOENT,
+}  # fmt: skip
+_DATABASE_SETTING = "--database-url / MIRROR_DATABASE_URL"
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """One line for the log, and the exit status."""
+
+    message: str
+    exit_code: int = 2
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return chain
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    for error in _chain(exc):
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True when the database is away (retry), False when it answered or the code is wrong."""
+    state = sqlstate(exc)
+    if state is not None:
+        return state in _UNREACHABLE_SQLSTATES
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError | PermissionError):
+            return False
+        if isinstance(error, FileNotFoundError) and error.filename:
+            return False  # a certificate or key file named in the URL: not an outage
+        if isinstance(error, socket.gaierror):
+            return True  # a name that does not resolve yet (DNS of a starting cluster)
+        if isinstance(error, TimeoutError | ConnectionError):
+            return "rejected SSL upgrade" not in str(error)
+        if isinstance(error, OSError) and (
+            error.errno in _UNREACHABLE_ERRNOS or error.errno is None
+        ):
+            return True
+    return False
+
+
+def describe(exc: BaseException) -> Fatal | None:
+    """One line for a configuration error met while starting; None for a bug."""
+    if database_unreachable(exc):
+        return Fatal(
+            f"the database cannot be reached ({_first_line(exc)}): check the host and port in "
+            f"{_DATABASE_SETTING} and that the server runs",
+            exit_code=1,
+        )
+    state = sqlstate(exc)
+    if state is not None:
+        return _describe_sqlstate(state, exc)
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return Fatal(
+                f"the database's TLS certificate did not verify ({error.verify_message}): "
+                f"set sslrootcert= to its CA in {_DATABASE_SETTING}, or sslmode=require to "
+                "encrypt without verifying"
+            )
+        if isinstance(error, FileNotFoundError | PermissionError) and error.filename:
+            return Fatal(
+                f"cannot read {error.filename} ({error.strerror}): check sslrootcert, sslcert "
+                f"and sslkey in {_DATABASE_SETTING}"
+            )
+        if "rejected SSL upgrade" in str(error):
+            return Fatal(
+                f"the database does not accept TLS ({_first_line(error)}): use sslmode=prefer "
+                f"or enable ssl on the server ({_DATABASE_SETTING})"
+            )
+        if type(error).__name__ == "ClientConfigurationError":
+            return Fatal(f"{_DATABASE_SETTING}: {_first_line(error)}")
+    return None
+
+
+def _describe_sqlstate(state: str, exc: BaseException) -> Fatal | None:
+    detail = next(
+        (_first_line(e) for e in _chain(exc) if getattr(e, "sqlstate", None) == state), ""
+    )
+    if state == "3D000":
+        return Fatal(
+            f"{detail}: create it (CREATE DATABASE ...) or fix the database name in "
+            f"{_DATABASE_SETTING}"
+        )
+    if state.startswith("28"):
+        return Fatal(
+            f"{detail}: check the user and password in {_DATABASE_SETTING} (or its _FILE "
+            "variant) and the server's pg_hba.conf"
+        )
+    if state == "42501":
+        return Fatal(
+            f"{detail}: migrations need a role that may create the schema and its objects; "
+            "run 'flespi-mirror migrate' as the schema's owner and 'run --no-migrate' as a "
+            "role with the grants in the README"
+        )
+    return None
