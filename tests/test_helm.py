@@ -244,6 +244,7 @@ def test_ci_folder_has_one_values_file_per_scenario() -> None:
         "pdb-values.yaml",
         "no-migration-values.yaml",
         "custom-values.yaml",
+        "postgres-tls-values.yaml",
     } <= names
     assert sorted(CI_DIR.iterdir()) == CI_FILES, "every file in ci/ must be a *-values.yaml"
 
@@ -494,6 +495,27 @@ def test_custom_values_reach_the_daemon() -> None:
     pod = deployment(objects)["spec"]["template"]
     assert pod["metadata"]["annotations"]["example.com/owner"] == "telematics"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+def test_a_postgres_ca_from_a_secret_reaches_the_daemon_and_the_migration() -> None:
+    objects = render_scenario("postgres-tls-values.yaml")
+    for where, pod in pod_specs(objects):
+        (container,) = pod["containers"]
+        env = env_of(container)
+        assert env["PGSSLROOTCERT"]["value"] == "/etc/flespi-mirror/postgres-ca/root.crt", where
+        assert env["PGSSLMODE"]["value"] == "verify-full", where
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/etc/flespi-mirror/postgres-ca"]["readOnly"] is True, where
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["postgres-ca"]["secret"]["secretName"] == "postgres-ca", where
+    assert len(pod_specs(objects)) == 2
+
+
+def test_without_a_postgres_ca_nothing_tls_is_rendered() -> None:
+    for _, pod in pod_specs(render_scenario("default-values.yaml")):
+        (container,) = pod["containers"]
+        assert not {"PGSSLROOTCERT", "PGSSLMODE"} & set(env_of(container))
+        assert "postgres-ca" not in {v["name"] for v in pod["volumes"]}
 
 
 def test_defaults_leave_optional_settings_to_the_daemon() -> None:

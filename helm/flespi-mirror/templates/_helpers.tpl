@@ -144,6 +144,34 @@ Argument: a dict with "ctx" (the root context) and "secretName".
   value: {{ .ctx.Values.config.schema | quote }}
 - name: MIRROR_LOG_FORMAT
   value: {{ .ctx.Values.config.logFormat | quote }}
+{{- with .ctx.Values.database.tls }}
+{{- if .caSecret }}
+- name: PGSSLROOTCERT
+  value: {{ printf "/etc/flespi-mirror/postgres-ca/%s" .caKey | quote }}
+- name: PGSSLMODE
+  value: {{ .sslmode | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The database CA from database.tls.caSecret: a volume and its mount, for the daemon's pod and
+the migration Job's (empty without caSecret).
+*/}}
+{{- define "flespi-mirror.databaseCaVolume" -}}
+{{- with .Values.database.tls.caSecret }}
+- name: postgres-ca
+  secret:
+    secretName: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "flespi-mirror.databaseCaMount" -}}
+{{- if .Values.database.tls.caSecret }}
+- name: postgres-ca
+  mountPath: /etc/flespi-mirror/postgres-ca
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/*
