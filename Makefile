@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test venv mosquitto promtool lint bench clean
+.PHONY: run quickstart test venv mosquitto promtool lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/flespi-mirror run $(ARGS)
+
+# The README's quick start: a private Mosquitto on a free port, the mirror, simulated traffic.
+quickstart: $(STAMP) mosquitto
+	@bash scripts/quickstart.sh
 
 # The tests start their own Mosquitto; install the broker when it is missing and we may.
 mosquitto:

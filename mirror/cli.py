@@ -238,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(values["log_level"], values["log_format"])
         if args.command == "simulate":
             return _simulate(values)
+        if args.command == "run":
+            settings_from(values).require_token()  # before an embedded database is started
         settings, embedded = with_database(settings_from(values))
         try:
             if args.command == "migrate":
@@ -273,7 +275,12 @@ def _simulate(values: Mapping[str, Any]) -> int:
     options = SimulationOptions(**settings_fields(values, SimulationOptions))
     BrokerAddress.parse(options.mqtt_url)  # a clear error for a URL that cannot work
     log.info("publishing simulated flespi traffic to %s", redact_mqtt_url(options.mqtt_url))
-    report = run_simulation(options)
+    try:
+        report = run_simulation(options)
+    except ValueError as exc:  # an option out of range
+        raise ConfigError(str(exc)) from None
+    except (RuntimeError, OSError) as exc:  # the broker cannot be reached or refused us
+        raise ConfigError(str(exc), setting="mqtt_url") from None
     print(
         f"published {report.published} messages to {redact_mqtt_url(options.mqtt_url)} in "
         f"{report.elapsed:.1f}s: "

@@ -235,6 +235,16 @@ class Settings:
             why = "use lower-case letters, digits and '_' only (upper case would need quotes)"
         raise ConfigError(f"{self.schema!r}: {why}", setting="schema")
 
+    def require_token(self) -> None:
+        """flespi refuses a connection without a token: say so now, not after a retry loop."""
+        if self.broker.is_flespi and not self.token:
+            raise ConfigError(
+                f"{self.broker.host} needs a flespi token: put it in a file and pass "
+                "--token-file FILE (or FLESPI_TOKEN_FILE), or set FLESPI_TOKEN or a .env line "
+                "FLESPI_TOKEN=...",
+                setting="token",
+            )
+
     @property
     def subscriptions(self) -> tuple[str, ...]:
         """The filters as subscribed: in a shared subscription group when one is set."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,31 @@ def test_every_option_name_is_declared_once_per_command():
         names = [o.name for o in options_for(command)]
         assert len(names) == len(set(names)), command
     assert all(o.help or o.hidden for o in OPTIONS)
+
+
+def test_json_log_lines_carry_milliseconds():
+    from mirror.cli import JsonFormatter
+
+    record = logging.LogRecord("mirror", logging.INFO, __file__, 1, "hello", None, None)
+    record.created = 1_731_990_000.125
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["time"] == "2024-11-19T04:20:00.125+00:00"
+
+
+def test_a_schema_starting_with_a_digit_says_why():
+    with pytest.raises(ConfigError, match="must start with a letter or '_'"):
+        Settings(schema="123abc")
+
+
+def test_run_against_flespi_without_a_token_says_so_at_once():
+    started = time.monotonic()
+    result = cli("run", env={"MIRROR_DATABASE_URL": "postgresql://x@127.0.0.1:1/x"})
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert "mqtt.flespi.io needs a flespi token" in result.stderr
+    assert "--token-file" in result.stderr
+
+
+def test_simulate_prints_the_broker_it_publishes_to(broker):
+    result = cli("simulate", "--mqtt-url", broker.url, "--duration", "0", "--no-snapshot")
+    assert result.returncode == 0, result.stderr
+    assert f"to {broker.url}" in result.stdout and f"to {broker.url}" in result.stderr
