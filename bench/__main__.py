@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import scenarios
+from bench import scenarios, views
 from bench.scenarios import OUT, Options
 
 SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
@@ -26,6 +26,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "memory": scenarios.memory,
     "profile": scenarios.profile,
     "scale-out": scenarios.scale_out,
+    "views": views.views,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -123,6 +124,16 @@ def table(results: dict[str, Any]) -> str:
         rows.append((
             "scale-out: 2 workers vs 1", f"{scale['two_vs_one']:.2f} x",
             f"{_f(scale['two']['rate'])} vs {_f(scale['one']['rate'])} msg/s; target >= 1.3",
+        ))  # fmt: skip
+    v = results.get("views", {})
+    if "queries" in v:
+        one_ms = v["queries"]["one device's position"]["server_ms"]
+        all_ms = v["queries"]["all positions"]["server_ms"]
+        rows.append((
+            f"views @ {v['devices']:,} devices",
+            f"one position {one_ms:.2f} ms, all {all_ms:.0f} ms",
+            f"{v['one_vs_baseline']:.0f} x / {v['all_vs_baseline']:.0f} x the 0001 view; "
+            f"writes {v['write_cost_ratio']:.2f} x; targets <= 1 ms, <= 100 ms",
         ))  # fmt: skip
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":

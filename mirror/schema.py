@@ -16,6 +16,7 @@ import re
 from sqlalchemy import (
     BigInteger,
     Column,
+    Computed,
     Double,
     Identity,
     Index,
@@ -227,6 +228,49 @@ sync_state = Table(
     Column("value", JSONB, nullable=False),
     Column("updated_at", TS, nullable=False),
     comment="The mirror's own bookkeeping (completed retained-state snapshots).",
+)
+
+# Kept by statement triggers on telemetry (migration 0003), never written by the daemon: each
+# position parameter's value and ts per device, so the device_positions view is a key lookup
+# for one device and one scan for all. A part is NULL when its telemetry row is absent.
+def _chosen_position() -> dict[str, str]:
+    """The whole 'position' object when it has a latitude and a longitude and is not older than
+    the newer of position.latitude/longitude; else those parameters (revision 0001's rule)."""
+    newer = "greatest(latitude_ts, longitude_ts)"
+    use_whole = (
+        f"whole_latitude IS NOT NULL AND whole_longitude IS NOT NULL AND "
+        f"({newer} IS NULL OR latitude IS NULL OR whole_ts >= {newer})"
+    )
+    choices = {
+        "position_latitude": ("whole_latitude", "latitude"),
+        "position_longitude": ("whole_longitude", "longitude"),
+        "position_altitude": ("coalesce(whole_altitude, altitude)", "altitude"),
+        "position_speed": ("coalesce(whole_speed, speed)", "speed"),
+        "position_ts": ("whole_ts", newer),
+    }
+    return {
+        name: f"CASE WHEN {use_whole} THEN {whole} ELSE {parts} END"
+        for name, (whole, parts) in choices.items()
+    }
+
+
+POSITION_PARTS = (
+    "whole_latitude", "whole_longitude", "whole_altitude", "whole_speed", "whole_ts",
+    "latitude", "latitude_ts", "longitude", "longitude_ts",
+    "altitude", "altitude_ts", "speed", "speed_ts",
+)  # fmt: skip
+device_position_parts = Table(
+    "device_position_parts",
+    metadata,
+    Column("device_id", BigInteger, primary_key=True),
+    *(Column(name, TS if name.endswith("_ts") else Double) for name in POSITION_PARTS),
+    # The position the device_positions view shows, chosen from the parts when a row is written.
+    *(
+        Column(name, TS if name.endswith("_ts") else Double, Computed(sql, persisted=True))
+        for name, sql in _chosen_position().items()
+    ),
+    comment="Each device's position parameters, kept by triggers on telemetry "
+    "(read them through the device_positions view).",
 )
 
 STATE_TABLES = (
