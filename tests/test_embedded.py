@@ -66,3 +66,8 @@ async def test_embedded_postgres_starts_persists_across_runs_and_stops(broker, t
             time.sleep(0.2)
         assert not postgres_running(data_dir), "the embedded PostgreSQL was left running"
     assert (data_dir / "PG_VERSION").exists()
+    # A start says what it does, without library noise (alembic plug-ins, platformdirs).
+    noise = [
+        line for line in log.read_text().splitlines() if "Warning" in line or "alembic" in line
+    ]
+    assert noise == []
