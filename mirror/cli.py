@@ -228,11 +228,14 @@ def _early_logging(command: str, args: argparse.Namespace, env: Mapping[str, str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    env = environment(Path(".env"), os.environ)
-    _early_logging(args.command, args, env)
     # Until the daemon's loop installs its own graceful handler, SIGTERM means "exit 0 now".
     signal.signal(signal.SIGTERM, _terminate_early)
+    try:
+        args = build_parser().parse_args(argv)
+        env = environment(Path(".env"), os.environ)
+        _early_logging(args.command, args, env)
+    except Terminated:
+        return 0
     try:
         values = resolve(args.command, args, env)
         setup_logging(values["log_level"], values["log_format"])

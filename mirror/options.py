@@ -21,16 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mirror.config import ConfigError, Secret, Settings
-from mirror.simulate import SimulationOptions
 
 Kind = Literal["value", "switch", "switch_off", "list"]
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
-TARGETS: dict[str, type[Any]] = {
-    "run": Settings,
-    "migrate": Settings,
-    "simulate": SimulationOptions,
-}
+
+
+def target(command: str) -> type[Any]:
+    """The settings class a command's options fill (simulate's is imported only when used:
+    the daemon's start, before it handles SIGTERM, should import as little as it can)."""
+    if command == "simulate":
+        from mirror.simulate import SimulationOptions
+
+        return SimulationOptions
+    return Settings
 
 
 def text(value: str) -> str:
@@ -103,15 +107,15 @@ class Option:
         if self.default is not _UNSET:
             return self.default
         # The command's own settings first; Settings holds what every command shares (logging).
-        for target in (TARGETS[command], Settings):
-            for f in dataclasses.fields(target):
+        for settings_class in (target(command), Settings):
+            for f in dataclasses.fields(settings_class):
                 if f.name != self.name:
                     continue
                 if f.default is not dataclasses.MISSING:
                     return f.default
                 if f.default_factory is not dataclasses.MISSING:
                     return f.default_factory()
-        raise LookupError(f"{self.name} is not a field of {TARGETS[command].__name__}")
+        raise LookupError(f"{self.name} is not a field of {target(command).__name__}")
 
     def render(self, value: Any) -> str:
         """The value as its variable would spell it (for the workers' environment)."""
