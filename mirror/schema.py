@@ -230,6 +230,7 @@ sync_state = Table(
     comment="The mirror's own bookkeeping (completed retained-state snapshots).",
 )
 
+
 # Kept by statement triggers on telemetry (migration 0003), never written by the daemon: each
 # position parameter's value and ts per device, so the device_positions view is a key lookup
 # for one device and one scan for all. A part is NULL when its telemetry row is absent.
