@@ -147,12 +147,58 @@ DATABASE_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+REST_REQUESTS = Counter(
+    f"{PREFIX}_rest_requests_total",
+    "REST-over-MQTT calls to flespi by outcome: ok, retried (an attempt failed and was retried), "
+    "error (flespi answered an error), timeout (no complete answer on any attempt).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+REST_DURATION = Histogram(
+    f"{PREFIX}_rest_request_duration_seconds",
+    "Time from publishing a REST-over-MQTT request to its last answer chunk.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+REST_IN_FLIGHT = Gauge(
+    f"{PREFIX}_rest_requests_in_flight",
+    "REST-over-MQTT requests published and not yet answered.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+BACKFILL_MESSAGES = Counter(
+    f"{PREFIX}_backfill_messages_total",
+    "History fetched from flespi's storage to fill a gap, by outcome: fetched (received over "
+    "REST), written (handed to the store: new rows), already_stored (the mirror had it).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+BACKFILL_PENDING = Gauge(
+    f"{PREFIX}_backfill_pending_devices",
+    "Devices (and calculator-device pairs) whose gap is not backfilled yet in the running "
+    "backfill (0 when none runs).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+RECONCILE_DELETIONS = Counter(
+    f"{PREFIX}_reconcile_deletions_total",
+    "Rows the reconcile deleted (with a tombstone) because flespi no longer lists them, by table.",
+    ["table"],
+    registry=REGISTRY,
+)
+
 
 # Labelled series start at 0, so rate() and increase() see the first event too.
 for _reason in Reason:
     DEAD_LETTERS.labels(str(_reason))
 for _kind in ("unavailable", "refused"):
     DATABASE_ERRORS.labels(_kind)
+for _outcome in ("ok", "retried", "error", "timeout"):
+    REST_REQUESTS.labels(_outcome)
+for _outcome in ("fetched", "written", "already_stored"):
+    BACKFILL_MESSAGES.labels(_outcome)
+for _table in ("telemetry", "device_settings", "plugin_device_configs", "objects"):
+    RECONCILE_DELETIONS.labels(_table)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,6 +98,8 @@ class AcknowledgedPublisher:
         self.by_family = dict.fromkeys(FAMILIES, 0)
         self.published = 0
         self.refused = 0
+        # Called with each publication and its 'timestamp' once sent (the REST responder's record).
+        self.observers: list[Callable[[Publication, float], None]] = []
 
     # -- callbacks (paho's network thread) ----------------------------------------------------
 
@@ -183,7 +186,8 @@ class AcknowledgedPublisher:
                 raise RuntimeError(self._failure)
         # paho's Properties.__init__ has no annotations
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.UserProperty = [("timestamp", f"{time.time():.6f}"), ("cid", str(ACCOUNT_ID))]
+        stamp = time.time()
+        properties.UserProperty = [("timestamp", f"{stamp:.6f}"), ("cid", str(ACCOUNT_ID))]
         info = self.client.publish(
             publication.topic,
             publication.payload,
@@ -200,6 +204,8 @@ class AcknowledgedPublisher:
                 self._count(publication.family, self._early_acks.pop(info.mid))
             else:
                 self._pending[info.mid] = publication.family
+        for observe in self.observers:
+            observe(publication, stamp)
 
     def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Wait until the broker has acknowledged every publish."""
@@ -221,7 +227,10 @@ class AcknowledgedPublisher:
 
 
 def run_simulation(
-    options: SimulationOptions, *, stop: threading.Event | None = None
+    options: SimulationOptions,
+    *,
+    stop: threading.Event | None = None,
+    observer: Callable[[Publication, float], None] | None = None,
 ) -> SimulationReport:
     """Publish the retained snapshot, then live traffic until duration, max_messages or stop."""
     if not 1 <= options.devices <= 999_999:
@@ -234,6 +243,8 @@ def run_simulation(
     started = time.monotonic()
     traffic = TrafficGenerator(options.devices, options.seed)
     publisher = AcknowledgedPublisher(options)
+    if observer is not None:
+        publisher.observers.append(observer)
     publisher.connect()
     try:
         if options.retained_snapshot:

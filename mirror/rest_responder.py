@@ -1,0 +1,335 @@
+"""The simulator's flespi REST API over MQTT, answered from its own record of the account.
+
+:class:`AccountRecord` keeps what the simulated account holds, built from every publication
+the simulator makes (also those made while no mirror was subscribed): each device's messages
+(flespi's message storage), calculator intervals, and the current state (devices, telemetry,
+settings, plugin configurations). :class:`RestResponder` answers requests published to
+``flespi/rest/{method}/{api-uri}`` from it, following flespi's public REST docs for the
+endpoints the mirror calls (see ``docs/flespi-shapes.md``): the ``{"result": [...]}`` envelope,
+``{"errors": [{"code", "reason"}]}`` with an HTTP code, the answer on the Response Topic with the
+Correlation Data echoed, ``response_chunked`` answers cut into pieces whose last carries the
+user property ``http_code``. Its ``behaviour`` can turn it into a faulty flespi for tests:
+errors, slow answers, no answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mirror.traffic import Publication
+
+log = logging.getLogger(__name__)
+
+REQUEST_FILTER = "flespi/rest/#"
+
+
+class _NotFound(Exception):
+    pass
+
+
+@dataclass
+class _Device:
+    props: bytes | None = None  # the whole-object JSON, None until published
+    telemetry: dict[str, tuple[Any, float]] = field(default_factory=dict)  # param -> (value, ts)
+    settings: dict[str, Any] = field(default_factory=dict)
+    messages: dict[float, bytes] = field(default_factory=dict)  # timestamp -> payload
+
+
+class AccountRecord:
+    """What the simulated flespi account holds. Thread-safe: the publisher and the responder
+    run in different threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[int, _Device] = {}
+        self._plugin_configs: dict[tuple[int, int], Any] = {}  # (plugin, device) -> config
+        self._intervals: dict[tuple[int, int], dict[int, bytes]] = {}  # (calc, dev) -> id -> json
+
+    # -- recording -------------------------------------------------------------------------
+
+    def observe(self, topic: str, payload: bytes, timestamp: float) -> None:
+        """Record one publication the account made (``timestamp``: its user property)."""
+        levels = topic.split("/")
+        with self._lock:
+            if levels[:4] == ["flespi", "message", "gw", "devices"] and len(levels) >= 5:
+                value = json.loads(payload)
+                self._device(int(levels[4])).messages[float(value["timestamp"])] = payload
+            elif levels[:4] == ["flespi", "interval", "gw", "calcs"] and len(levels) == 8:
+                self._interval(int(levels[4]), int(levels[6]), levels[7], payload)
+            elif levels[:4] == ["flespi", "state", "gw", "devices"] and len(levels) >= 5:
+                self._device_state(int(levels[4]), levels[5:], payload, timestamp)
+            elif levels[:4] == ["flespi", "state", "gw", "plugins"] and len(levels) == 7:
+                key = (int(levels[4]), int(levels[6]))
+                if payload:
+                    self._plugin_configs[key] = json.loads(payload)
+                else:
+                    self._plugin_configs.pop(key, None)
+
+    def _device(self, device_id: int) -> _Device:
+        return self._devices.setdefault(device_id, _Device())
+
+    def _interval(self, calc_id: int, device_id: int, event: str, payload: bytes) -> None:
+        interval = json.loads(payload)
+        intervals = self._intervals.setdefault((calc_id, device_id), {})
+        if event == "deleted":
+            intervals.pop(int(interval["id"]), None)
+        elif event in ("created", "updated"):
+            intervals[int(interval["id"])] = payload
+
+    def _device_state(
+        self, device_id: int, rest: list[str], payload: bytes, timestamp: float
+    ) -> None:
+        if not rest:  # the device object itself
+            if payload:
+                self._device(device_id).props = payload
+            else:  # the device is deleted, with its state (its stored messages too)
+                self._devices.pop(device_id, None)
+                for key in [k for k in self._plugin_configs if k[1] == device_id]:
+                    del self._plugin_configs[key]
+            return
+        device = self._device(device_id)
+        if rest[0] == "telemetry" and len(rest) == 2:
+            if payload:
+                device.telemetry[rest[1]] = (json.loads(payload), timestamp)
+            else:
+                device.telemetry.pop(rest[1], None)
+        elif rest[0] == "settings" and len(rest) == 2:
+            if payload:
+                device.settings[rest[1]] = json.loads(payload)
+            else:
+                device.settings.pop(rest[1], None)
+
+    # -- what the account holds ------------------------------------------------------------
+
+    def message_count(self) -> int:
+        with self._lock:
+            return sum(len(d.messages) for d in self._devices.values())
+
+    def messages(self) -> list[tuple[int, bytes]]:
+        """Every stored message as (device id, payload)."""
+        with self._lock:
+            return [(i, p) for i, d in self._devices.items() for p in d.messages.values()]
+
+    # -- answering -------------------------------------------------------------------------
+
+    def answer(self, method: str, uri: str, data: dict[str, Any]) -> tuple[int, bytes]:
+        """(HTTP code, body) of one REST call."""
+        if method != "get":
+            return _error(405, f"method {method.upper()} is not simulated")
+        levels = uri.strip("/").split("/")
+        try:
+            with self._lock:
+                if levels[:2] == ["gw", "devices"]:
+                    return 200, self._devices_answer(levels[2:], data)
+                if levels[:2] == ["gw", "plugins"] and len(levels) == 5:
+                    return 200, self._plugin_devices(levels[2], levels[4])
+                if levels[:2] == ["gw", "calcs"] and len(levels) == 7:
+                    return 200, self._intervals_answer(levels[2], levels[4], data)
+                if levels[:1] == ["gw"] and len(levels) == 3:
+                    return 200, _result([])  # channels, calcs, modems, ...: none are items here
+        except _NotFound as exc:
+            return _error(404, str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"bad request: {exc}")
+        return _error(404, f"unknown REST path {uri[:100]!r}")
+
+    def _select(self, selector: str) -> list[int]:
+        if selector == "all":
+            return sorted(i for i, d in self._devices.items() if d.props is not None)
+        return [int(part) for part in selector.split(",")]
+
+    def _devices_answer(self, rest: list[str], data: dict[str, Any]) -> bytes:
+        if not rest:
+            raise _NotFound("no device selector")
+        ids = self._select(rest[0])
+        tail = rest[1:]
+        if not tail:
+            return _result_raw(self._devices[i].props or b"{}" for i in ids if i in self._devices)
+        if tail == ["messages"]:
+            return _result_raw(self._message_page(ids, data))
+        if tail == ["telemetry", "all"]:
+            return _result(
+                {
+                    "id": i,
+                    "telemetry": {
+                        name: {"value": value, "ts": ts}
+                        for name, (value, ts) in self._devices[i].telemetry.items()
+                    },
+                }
+                for i in ids
+                if i in self._devices
+            )
+        if tail == ["settings", "all"]:
+            return _result(
+                {"device_id": i, "name": name, "current": value}
+                for i in ids
+                if i in self._devices
+                for name, value in self._devices[i].settings.items()
+            )
+        raise _NotFound(f"unknown device path {'/'.join(tail)[:100]!r}")
+
+    def _message_page(self, ids: list[int], data: dict[str, Any]) -> list[bytes]:
+        begin = float(data.get("from", 0))
+        end = float(data.get("to", 2**32))
+        count = int(data.get("count", 0)) or None
+        found = sorted(
+            (ts, i, payload)
+            for i in ids
+            if i in self._devices
+            for ts, payload in self._devices[i].messages.items()
+            if begin <= ts <= end
+        )
+        return [payload for _, _, payload in found[:count]]
+
+    def _plugin_devices(self, plugin_selector: str, device_selector: str) -> bytes:
+        plugins = None if plugin_selector == "all" else {int(p) for p in plugin_selector.split(",")}
+        devices = None if device_selector == "all" else set(self._select(device_selector))
+        return _result(
+            {"plugin_id": plugin, "id": device, "config": config}
+            for (plugin, device), config in sorted(self._plugin_configs.items())
+            if (plugins is None or plugin in plugins) and (devices is None or device in devices)
+        )
+
+    def _intervals_answer(self, calc: str, device: str, data: dict[str, Any]) -> bytes:
+        begin = float(data.get("begin", 0))
+        end = float(data.get("end", 2**32))
+        calc_id, device_id = int(calc), int(device)
+        intervals = self._intervals.get((calc_id, device_id), {})
+        picked = []
+        for payload in intervals.values():
+            interval = json.loads(payload)
+            if float(interval["end"]) >= begin and float(interval["begin"]) <= end:
+                picked.append(payload)
+        return _result_raw(picked)
+
+
+def _result(items: Iterable[Any]) -> bytes:
+    return json.dumps({"result": list(items)}, separators=(",", ":")).encode()
+
+
+def _result_raw(payloads: Iterable[bytes]) -> bytes:
+    """The envelope around JSON texts kept as they were published."""
+    return b'{"result":[' + b",".join(payloads) + b"]}"
+
+
+def _error(code: int, reason: str) -> tuple[int, bytes]:
+    return code, json.dumps({"errors": [{"code": code, "reason": reason}]}).encode()
+
+
+# ------------------------------------------------------------------------------------------------
+# The MQTT side
+
+
+@dataclass
+class Behaviour:
+    """How the simulated flespi answers; tests change it to play a faulty flespi."""
+
+    error_code: int | None = None  # answer every request with this HTTP error
+    errors_left: int | None = None  # ... only this many times (None: always)
+    delay: float = 0.0  # seconds before answering
+    silent: bool = False  # never answer
+    chunk_bytes: int = 64 * 1024  # size of the pieces of a chunked answer
+
+
+class RestResponder:
+    """A paho MQTT 5 client that answers ``flespi/rest/...`` requests from an AccountRecord."""
+
+    def __init__(
+        self, mqtt_url: str, record: AccountRecord, behaviour: Behaviour | None = None
+    ) -> None:
+        parts = urlsplit(mqtt_url)
+        tls = parts.scheme == "mqtts"
+        self._address = (parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883))
+        self.record = record
+        self.behaviour = behaviour or Behaviour()
+        self.requests = 0
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"flespi-rest-sim-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if tls:
+            self.client.tls_set()
+        self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_args: self._subscribed.set()
+        self.client.on_connect = lambda c, *_args: c.subscribe(REQUEST_FILTER, qos=1)
+
+    def start(self) -> RestResponder:
+        self.client.connect(*self._address, keepalive=30, clean_start=True)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            self.stop()
+            raise RuntimeError("the REST responder could not subscribe to flespi/rest/#")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: Any) -> None:
+        self.requests += 1
+        levels = message.topic.split("/", 3)
+        if len(levels) < 4:
+            return
+        method, uri = levels[2], levels[3]
+        props = message.properties
+        user = dict(getattr(props, "UserProperty", []) or [])
+        response_topic = getattr(props, "ResponseTopic", None) or message.topic
+        correlation = getattr(props, "CorrelationData", None)
+        behaviour = self.behaviour
+        if behaviour.silent:
+            return
+        try:
+            data = json.loads(message.payload) if message.payload else {}
+        except ValueError:
+            code, body = _error(400, "data is not JSON")
+        else:
+            code, body = self.record.answer(method, uri, data if isinstance(data, dict) else {})
+        if behaviour.error_code is not None and behaviour.errors_left != 0:
+            code, body = _error(behaviour.error_code, "simulated failure")
+            if behaviour.errors_left is not None:
+                behaviour.errors_left -= 1
+        chunked = user.get("response_chunked") == "true"
+        answer = (response_topic, correlation, code, body, chunked)
+        if behaviour.delay > 0:
+            threading.Timer(behaviour.delay, self._send, answer).start()
+        else:
+            self._send(*answer)
+
+    def _send(
+        self, topic: str, correlation: bytes | None, code: int, body: bytes, chunked: bool
+    ) -> None:
+        size = max(1, self.behaviour.chunk_bytes) if chunked else max(1, len(body))
+        pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+        for n, piece in enumerate(pieces):
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation is not None:
+                properties.CorrelationData = correlation
+            if n == len(pieces) - 1:
+                properties.UserProperty = [("http_code", str(code))]
+            self.client.publish(topic, piece, qos=1, properties=properties)
+
+
+def recorder(record: AccountRecord) -> Callable[[Publication, float], None]:
+    """An observer for ``run_simulation``: every publication goes into ``record``."""
+
+    def observe(publication: Publication, timestamp: float) -> None:
+        record.observe(publication.topic, publication.payload, timestamp)
+
+    return observe
+
+
+__all__ = ["AccountRecord", "Behaviour", "RestResponder", "recorder"]
