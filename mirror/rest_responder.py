@@ -137,8 +137,10 @@ class AccountRecord:
                     return 200, self._plugin_devices(levels[2], levels[4])
                 if levels[:2] == ["gw", "calcs"] and len(levels) == 7:
                     return 200, self._intervals_answer(levels[2], levels[4], data)
+                if levels == ["gw", "calcs", "all"]:
+                    return 200, _result({"id": c} for c in sorted({c for c, _ in self._intervals}))
                 if levels[:1] == ["gw"] and len(levels) == 3:
-                    return 200, _result([])  # channels, calcs, modems, ...: none are items here
+                    return 200, _result([])  # channels, modems, ...: none are items here
         except _NotFound as exc:
             return _error(404, str(exc))
         except (ValueError, KeyError, TypeError) as exc:

@@ -1,0 +1,288 @@
+"""Fill a hole in history from flespi's message storage, through REST over MQTT.
+
+While the broker keeps our session nothing is lost; past it (the session expired, or about 1 GB
+of undelivered messages was dropped, or a first start) the messages of that time exist only in
+flespi's storage. A backfill fetches each device's messages of a time window
+(``GET gw/devices/{id}/messages`` with ``from``/``to``/``count``, page after page) and each
+calculator-device pair's intervals (``GET gw/calcs/{calc}/devices/{dev}/intervals/all``), and
+writes them through the live path (``replay.py``), so a message that also arrives live is
+stored once.
+
+Identity: flespi's storage holds one message per device and timestamp (it merges two with the
+same one), while a REST answer need not be byte-identical to the MQTT publication the live
+identity (digest) was taken from. So a fetched message whose device already has a stored
+message at that timestamp is skipped, and only the others are written.
+
+Resumable: after each page is committed, the device's progress (the timestamp it is done to)
+is saved in ``sync_state`` under the job's name; a job run again (same window) starts each
+device where it stopped. Killed between a write and the progress save, the page is fetched
+again and its messages are skipped as already stored: nothing is duplicated or skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mirror import metrics
+from mirror.replay import inbound, write_inbound
+from mirror.rest import RestClient
+from mirror.store import Store
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 1000  # messages per REST answer
+PARALLEL_STREAMS = 4  # devices fetched at once (the REST client bounds requests in flight too)
+
+
+@dataclass(frozen=True)
+class BackfillJob:
+    """A window of history to fetch. ``devices`` None: every device flespi lists."""
+
+    name: str
+    begin: float
+    end: float
+    devices: tuple[int, ...] | None = None
+    intervals: bool = True
+    cid: int | None = None
+
+    @classmethod
+    def for_window(
+        cls, begin: float, end: float | None, devices: Sequence[int] = (), prefix: str = "backfill"
+    ) -> BackfillJob:
+        """A job whose name is its arguments, so the same command run again resumes it. An
+        open end (None: now) resumes to the new now."""
+        selection = ",".join(str(d) for d in sorted(devices)) or "all"
+        until = "now" if end is None else f"{end:.6f}"
+        name = f"{prefix}:{begin:.6f}:{until}:{selection}"
+        return cls(name, begin, time.time() if end is None else end, tuple(devices) or None)
+
+
+@dataclass
+class BackfillReport:
+    streams: int = 0
+    fetched: int = 0
+    written: int = 0
+    already_stored: int = 0
+    intervals: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[int, int], None]  # (streams finished, messages fetched) since last call
+
+_EXISTING = text(
+    """
+    SELECT u.i FROM unnest(CAST(:ts AS float8[])) WITH ORDINALITY AS u(ts, i)
+    WHERE EXISTS (SELECT 1 FROM device_messages d
+                  WHERE d.device_id = :device_id AND d.ts = to_timestamp(u.ts))
+    """
+)
+_LOAD_PROGRESS = text("SELECT name, value FROM sync_state WHERE name LIKE :prefix")
+_SAVE_PROGRESS = text(
+    """
+    INSERT INTO sync_state (name, value, updated_at) VALUES (:name, CAST(:value AS jsonb), now())
+    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+    """
+)
+
+
+class Backfill:
+    """Runs one :class:`BackfillJob` with a REST client and a database engine."""
+
+    def __init__(
+        self,
+        rest: RestClient,
+        engine: AsyncEngine,
+        job: BackfillJob,
+        *,
+        page_size: int = PAGE_SIZE,
+        parallel: int = PARALLEL_STREAMS,
+        progress: Progress | None = None,
+    ) -> None:
+        self.rest = rest
+        self.engine = engine
+        self.store = Store(engine)
+        self.job = job
+        self.page_size = page_size
+        self.parallel = parallel
+        self.progress = progress or (lambda _streams, _messages: None)
+        self.report = BackfillReport()
+        self.total_streams = 0
+
+    # -- planning ----------------------------------------------------------------------------
+
+    async def streams(self) -> list[str]:
+        """``device:{id}`` and ``interval:{calc}:{device}``, each a unit of progress."""
+        devices = list(self.job.devices or [])
+        if self.job.devices is None:
+            listed = await self.rest.get("gw/devices/all", {"fields": "id"})
+            devices = sorted({int(d["id"]) for d in listed if isinstance(d, dict) and "id" in d})
+        streams = [f"device:{d}" for d in devices]
+        if self.job.intervals:
+            streams += [f"interval:{c}:{d}" for c, d in await self._interval_pairs(devices)]
+        return streams
+
+    async def _interval_pairs(self, devices: list[int]) -> list[tuple[int, int]]:
+        calcs = await self.rest.get("gw/calcs/all", {"fields": "id"})
+        pairs = {(int(c["id"]), d) for c in calcs if isinstance(c, dict) for d in devices}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(text("SELECT DISTINCT calc_id, device_id FROM intervals"))
+            wanted = set(devices)
+            pairs |= {(int(c), int(d)) for c, d in rows if int(d) in wanted}
+        return sorted(pairs)
+
+    async def _load_progress(self) -> dict[str, dict[str, Any]]:
+        prefix = f"{self.job.name}|"
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_LOAD_PROGRESS, {"prefix": prefix.replace("%", r"\%") + "%"})
+            return {str(name)[len(prefix) :]: dict(value) for name, value in rows}
+
+    async def _save_progress(self, stream: str, done_to: float, finished: bool) -> None:
+        value = json.dumps({"done_to": done_to, "finished": finished, "end": self.job.end})
+        async with self.engine.begin() as conn:
+            name = f"{self.job.name}|{stream}"
+            await conn.execute(_SAVE_PROGRESS, {"name": name, "value": value})
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> BackfillReport:
+        streams = await self.streams()
+        done = await self._load_progress()
+        todo = [s for s in streams if not done.get(s, {}).get("finished")]
+        self.total_streams = len(streams)
+        self.report.streams = len(streams)
+        self.progress(len(streams) - len(todo), 0)
+        log.info(
+            "backfill %s: %d of %d streams to do (%s .. %s)",
+            self.job.name, len(todo), len(streams), _iso(self.job.begin), _iso(self.job.end),
+        )
+        metrics.BACKFILL_PENDING.inc(len(todo))
+        slots = asyncio.Semaphore(self.parallel)
+
+        async def one(stream: str) -> None:
+            async with slots:
+                try:
+                    resume = done.get(stream, {}).get("done_to")
+                    await self._stream(stream, resume)
+                except Exception as exc:  # one device's failure must not stop the others
+                    self.report.failed.append(stream)
+                    log.error("backfill of %s failed (resumed on the next run): %s", stream, exc)
+                finally:
+                    metrics.BACKFILL_PENDING.dec()
+                    self.progress(1, 0)
+
+        await asyncio.gather(*(one(s) for s in todo))
+        r = self.report
+        log.info(
+            "backfill %s: %d messages fetched, %d written, %d already stored, %d intervals; "
+            "%d streams failed",
+            self.job.name, r.fetched, r.written, r.already_stored, r.intervals, len(r.failed),
+        )
+        return r
+
+    async def _stream(self, stream: str, resume: float | None) -> None:
+        kind, *ids = stream.split(":")
+        if kind == "device":
+            await self._device(int(ids[0]), resume)
+        else:
+            await self._intervals(int(ids[0]), int(ids[1]))
+        await self._save_progress(stream, self.job.end, True)
+
+    async def _device(self, device_id: int, resume: float | None) -> None:
+        begin = self.job.begin if resume is None else max(self.job.begin, resume)
+        after = resume  # messages at or before this timestamp are done
+        while True:
+            page = await self.rest.get(
+                f"gw/devices/{device_id}/messages",
+                {"from": begin, "to": self.job.end, "count": self.page_size},
+            )
+            messages = [m for m in page if isinstance(m, dict) and _ts(m) is not None]
+            fresh = [m for m in messages if after is None or _ts(m) > after]  # type: ignore[operator]
+            self.report.fetched += len(fresh)
+            metrics.BACKFILL_MESSAGES.labels("fetched").inc(len(fresh))
+            self.progress(0, len(fresh))
+            if fresh:
+                await self._write_messages(device_id, fresh)
+                last = max(_ts(m) or 0.0 for m in fresh)
+                await self._save_progress(f"device:{device_id}", last, False)
+                after = begin = last
+            if len(page) < self.page_size or not fresh:
+                return
+
+    async def _write_messages(self, device_id: int, messages: list[dict[str, Any]]) -> None:
+        stamps = [_ts(m) for m in messages]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_EXISTING, {"ts": stamps, "device_id": device_id})
+            existing = {int(i) - 1 for (i,) in rows}
+        new = [m for n, m in enumerate(messages) if n not in existing]
+        self.report.already_stored += len(existing)
+        metrics.BACKFILL_MESSAGES.labels("already_stored").inc(len(existing))
+        if not new:
+            return
+        topic = f"flespi/message/gw/devices/{device_id}"
+        await write_inbound(
+            self.store,
+            [
+                inbound(topic, _payload(m), _registered(m), self.job.cid)
+                for m in new
+            ],
+        )
+        self.report.written += len(new)
+        metrics.BACKFILL_MESSAGES.labels("written").inc(len(new))
+
+    async def _intervals(self, calc_id: int, device_id: int) -> None:
+        found = await self.rest.get(
+            f"gw/calcs/{calc_id}/devices/{device_id}/intervals/all",
+            {"begin": self.job.begin, "end": self.job.end},
+        )
+        topic = f"flespi/interval/gw/calcs/{calc_id}/devices/{device_id}/updated"
+        messages = [
+            inbound(topic, _payload(i), _interval_time(i), self.job.cid)
+            for i in found
+            if isinstance(i, dict)
+        ]
+        if messages:
+            await write_inbound(self.store, messages)
+        self.report.intervals += len(messages)
+
+
+def _ts(message: dict[str, Any]) -> float | None:
+    value = message.get("timestamp")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _registered(message: dict[str, Any]) -> float:
+    """When flespi registered the message: the time its live publication would carry."""
+    server = message.get("server.timestamp")
+    if isinstance(server, int | float) and not isinstance(server, bool):
+        return float(server)
+    return _ts(message) or time.time()
+
+
+def _interval_time(interval: dict[str, Any]) -> float:
+    for name in ("timestamp", "end", "begin"):
+        value = interval.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return time.time()
+
+
+def _payload(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+__all__ = ["Backfill", "BackfillJob", "BackfillReport"]
