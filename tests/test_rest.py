@@ -14,7 +14,7 @@ from mirror.config import Settings
 from mirror.rest import RestClient, RestError, RestOptions, RestTimeout, assemble
 from mirror.rest_carrier import standalone_rest_client
 from mirror.rest_responder import AccountRecord, RestResponder
-from mirror.testing import MosquittoBroker
+from tests.launchers import MosquittoBroker
 
 DEVICE = 1_000_001
 
