@@ -162,7 +162,11 @@ class Backfill:
         self.progress(len(streams) - len(todo), 0)
         log.info(
             "backfill %s: %d of %d streams to do (%s .. %s)",
-            self.job.name, len(todo), len(streams), _iso(self.job.begin), _iso(self.job.end),
+            self.job.name,
+            len(todo),
+            len(streams),
+            iso_time(self.job.begin),
+            iso_time(self.job.end),
         )
         metrics.BACKFILL_PENDING.inc(len(todo))
         slots = asyncio.Semaphore(self.parallel)
@@ -281,8 +285,8 @@ def _payload(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-__all__ = ["Backfill", "BackfillJob", "BackfillReport"]
+__all__ = ["Backfill", "BackfillJob", "BackfillReport", "iso_time"]

@@ -161,6 +161,8 @@ class Settings:
     resync: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    repair_gaps: bool = True  # after a lost broker session: backfill history, reconcile state
+    repair_overlap: float = 3600.0  # seconds before the newest stored message fetched again
 
     def __post_init__(self) -> None:
         self._check_schema()

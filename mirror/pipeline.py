@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics, partitions
+from mirror import metrics, partitions, resync
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
 from mirror.failures import database_unreachable
 from mirror.records import Inbound, Reason, Record, Rejection
+from mirror.rest_carrier import standalone_rest_client
 from mirror.snapshot import (
     SnapshotCoordinator,
     ask_for_missing_retained_state,
@@ -124,6 +125,8 @@ class Mirror:
                     record_retained_state(self.source, self.engine), name="retained-state"
                 )
             )
+        if self.settings.repair_gaps:
+            helpers.append(asyncio.create_task(self._repair(), name="gap-repair"))
         session = asyncio.create_task(self.source.run(), name="mqtt-session")
         try:
             await self._consume(self.source)
@@ -148,6 +151,23 @@ class Mirror:
         self.snapshot = SnapshotCoordinator(self.settings, self.engine, force=force)
         async for source in self.snapshot.attempts(self._stopping):
             await self._consume(source, until=self.snapshot.over)
+
+    async def _repair(self) -> None:
+        """A lost broker session may have dropped messages: backfill and reconcile (resync.py),
+        beside the live stream. Until the daemon's own session can carry REST requests, they
+        travel on a second connection with the same token (rest_carrier.py)."""
+        while self.source.session_present is None and not self._stopping.is_set():
+            await asyncio.sleep(0.05)
+        try:
+            plan = await resync.plan_repair(
+                self.engine, bool(self.source.session_present), self.settings.repair_overlap
+            )
+            if plan is None:
+                return
+            async with standalone_rest_client(self.settings) as rest:
+                await resync.repair(rest, self.engine, plan)
+        except Exception as exc:  # the live stream goes on; the plan stays pending
+            log.error("gap repair failed (resumed on the next start): %s", exc)
 
     async def maintain_partitions(self) -> None:
         """Day partitions ahead, retention behind, old tombstones pruned. A failure is logged

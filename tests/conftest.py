@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mirror.rest_responder import AccountRecord, RestResponder
 from tests.launchers import MosquittoBroker, TestDatabase, fresh_database
 
 
@@ -32,3 +33,19 @@ def broker() -> Iterator[MosquittoBroker]:
 @pytest.fixture
 def schema_name() -> str:
     return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def record() -> AccountRecord:
+    """The simulated flespi account's record (empty; a module may fill its own)."""
+    return AccountRecord()
+
+
+@pytest.fixture
+def responder(broker: MosquittoBroker, record: AccountRecord) -> Iterator[RestResponder]:
+    """The simulator's flespi REST API over MQTT, answering from ``record``."""
+    responder = RestResponder(broker.url, record).start()
+    try:
+        yield responder
+    finally:
+        responder.stop()

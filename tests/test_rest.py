@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,15 +32,6 @@ def record() -> AccountRecord:
         ts = 1_700_000_000.0 + n + 0.123456
         record.observe(f"flespi/message/gw/devices/{DEVICE}", _message(ts, n), ts)
     return record
-
-
-@pytest.fixture
-def responder(broker: MosquittoBroker, record: AccountRecord) -> Iterator[RestResponder]:
-    responder = RestResponder(broker.url, record).start()
-    try:
-        yield responder
-    finally:
-        responder.stop()
 
 
 def _options(**changes: object) -> RestOptions:

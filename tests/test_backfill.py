@@ -1,0 +1,184 @@
+"""Gap backfill and reconcile end to end: real Mosquitto, PostgreSQL, the simulator's flespi.
+
+The proof of issue 12: the mirror runs, stops, its broker session expires while the account
+keeps producing (and deleting), it starts again, and afterwards every message in the
+simulator's record of the account is in ``device_messages`` exactly once and the state items
+deleted meanwhile are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mirror.database import create_engine, migrate
+from mirror.rest_responder import AccountRecord, RestResponder, recorder
+from mirror.resync import PENDING
+from mirror.simulate import SimulationOptions, run_simulation
+from mirror.traffic import FIRST_DEVICE_ID
+from tests.helpers import ROOT, publisher, query, running_mirror, settings_for, settle
+from tests.launchers import MosquittoBroker, TestDatabase
+
+DEVICES = 6
+
+
+async def simulate(
+    broker: MosquittoBroker, record: AccountRecord, messages: int, seed: int, snapshot: bool
+) -> None:
+    options = SimulationOptions(
+        mqtt_url=broker.url,
+        devices=DEVICES,
+        rate=0,
+        duration=60,
+        seed=seed,
+        retained_snapshot=snapshot,
+        max_messages=messages,
+    )
+    await asyncio.to_thread(run_simulation, options, observer=recorder(record))
+
+
+async def assert_every_recorded_message_stored_once(
+    engine: AsyncEngine, record: AccountRecord
+) -> None:
+    rows = await query(
+        engine, "SELECT device_id, digest, count(*) FROM device_messages GROUP BY 1, 2"
+    )
+    stored = {(int(d), bytes(g)): int(n) for d, g, n in rows}
+    expected = {(d, hashlib.md5(p).digest()) for d, p in record.messages()}
+    assert expected, "the simulator recorded no messages"
+    missing = expected - set(stored)
+    assert not missing, f"{len(missing)} of {len(expected)} recorded messages are not stored"
+    assert all(stored[key] == 1 for key in expected)
+    recorded_devices = {d for d, _ in expected}
+    extra = {k for k in stored if k[0] in recorded_devices} - expected
+    assert not extra, f"{len(extra)} stored messages are not in the record"
+
+
+async def test_after_an_expired_session_every_message_is_stored_once_and_deletions_are_gone(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+) -> None:
+    settings = settings_for(broker.url, database.url, schema_name, session_expiry=1)
+    async with running_mirror(settings) as running:
+        await simulate(broker, record, 300, seed=1, snapshot=True)
+        await settle(running)
+        engine = running.engine
+        before = await query(engine, "SELECT count(*) FROM device_messages")
+        assert before[0][0] > 0
+    await asyncio.sleep(3)  # the broker drops the session (expiry 1 s) and what it would hold
+
+    # While no mirror is subscribed, the account keeps producing and deleting.
+    await simulate(broker, record, 600, seed=2, snapshot=False)
+    gone_device = FIRST_DEVICE_ID + 3
+    gone_param = (FIRST_DEVICE_ID + 2, "battery.level")
+    with publisher(broker.url) as pub:
+        for topic in (
+            f"flespi/state/gw/devices/{gone_device}",
+            f"flespi/state/gw/devices/{gone_param[0]}/telemetry/{gone_param[1]}",
+        ):
+            pub.publish(topic, b"", time.time(), retain=True)
+            record.observe(topic, b"", time.time())
+
+    async with running_mirror(settings) as running:
+        assert running.mirror.source.session_present is False
+        engine = running.engine
+        deadline = time.monotonic() + 60
+        while True:
+            pending = await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING)
+            repairing = any(t.get_name() == "gap-repair" and not t.done()
+                            for t in asyncio.all_tasks())
+            if not pending and not repairing:
+                break
+            assert time.monotonic() < deadline, "the gap repair did not finish"
+            await asyncio.sleep(0.2)
+        await settle(running)
+        await assert_every_recorded_message_stored_once(engine, record)
+        objects = await query(engine, "SELECT id FROM objects WHERE origin = 'devices'")
+        assert gone_device not in {int(r[0]) for r in objects}
+        assert len(objects) == DEVICES - 1
+        leftovers = await query(
+            engine, "SELECT count(*) FROM telemetry WHERE device_id = :d", d=gone_device
+        )
+        assert leftovers[0][0] == 0
+        param = await query(
+            engine,
+            "SELECT count(*) FROM telemetry WHERE device_id = :d AND name = :n",
+            d=gone_param[0],
+            n=gone_param[1],
+        )
+        assert param[0][0] == 0
+        repaired = await query(
+            engine, "SELECT count(*) FROM sync_state WHERE name LIKE 'gap:%%|device:%%'"
+        )
+        assert repaired[0][0] == DEVICES - 1  # one finished progress row per listed device
+
+
+def _backfill(
+    database: TestDatabase, broker: MosquittoBroker, schema: str, *extra: str
+) -> list[str]:
+    return [
+        sys.executable, "-m", "mirror.cli", "backfill",
+        "--database-url", database.url, "--schema", schema, "--mqtt-url", broker.url,
+        "--from", "2020-01-01T00:00:00", "--to", str(time.time() + 3600),
+        "--page-size", "25", *extra,
+    ]
+
+
+async def test_a_backfill_killed_halfway_and_run_again_stores_everything_once(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+    tmp_path: Path,
+) -> None:
+    await simulate(broker, record, 1500, seed=3, snapshot=True)
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name)
+        responder.behaviour.delay = 0.05  # slow enough to be killed in the middle
+        command = _backfill(database, broker, schema_name)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        log = (tmp_path / "first.log").open("w")
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while True:  # kill it once some pages are saved and some devices are not done
+            rows = await query(engine, "SELECT value->>'finished' FROM sync_state")
+            if rows and any(r[0] == "false" for r in rows):
+                break
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        partial = (await query(engine, "SELECT count(*) FROM device_messages"))[0][0]
+        assert 0 < partial < record.message_count()
+
+        responder.behaviour.delay = 0.0
+        second = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "0 failed" in second.stdout
+        await assert_every_recorded_message_stored_once(engine, record)
+        stored = (await query(engine, "SELECT count(*) FROM device_messages"))[0][0]
+        assert stored == record.message_count()
+
+        third = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert third.returncode == 0, third.stderr[-2000:]
+        assert (await query(engine, "SELECT count(*) FROM device_messages"))[0][0] == stored
+    finally:
+        await engine.dispose()
