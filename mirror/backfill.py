@@ -111,7 +111,7 @@ class Backfill:
         self.engine = engine
         self.store = Store(engine)
         self.job = job
-        self.page_size = page_size
+        self.page_size = max(2, page_size)  # a page repeats its predecessor's last message
         self.parallel = parallel
         self.progress = progress or (lambda _streams, _messages: None)
         self.report = BackfillReport()

@@ -83,10 +83,14 @@ async def repair(rest: RestClient, engine: AsyncEngine, plan: RepairPlan) -> boo
         iso_time(plan.begin), iso_time(plan.end),
     )
     report = await Backfill(rest, engine, plan.job).run()
-    await Reconcile(rest, engine).run()
-    if report.failed:
-        log.warning("repair incomplete (%d streams failed); resumed on the next start",
-                    len(report.failed))
+    reconciled = await Reconcile(rest, engine).run()
+    if report.failed or reconciled.skipped:
+        log.warning(
+            "repair incomplete (%d streams failed, %d tables not reconciled); resumed on the "
+            "next start",
+            len(report.failed),
+            len(reconciled.skipped),
+        )
         return False
     async with engine.begin() as conn:
         await conn.execute(text("DELETE FROM sync_state WHERE name = :n"), {"n": PENDING})

@@ -9,6 +9,7 @@ deleted meanwhile are gone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import signal
@@ -93,15 +94,7 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
     async with running_mirror(settings) as running:
         assert running.mirror.source.session_present is False
         engine = running.engine
-        deadline = time.monotonic() + 60
-        while True:
-            pending = await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING)
-            repairing = any(t.get_name() == "gap-repair" and not t.done()
-                            for t in asyncio.all_tasks())
-            if not pending and not repairing:
-                break
-            assert time.monotonic() < deadline, "the gap repair did not finish"
-            await asyncio.sleep(0.2)
+        assert await _repair_done(engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(engine, record)
         objects = await query(engine, "SELECT id FROM objects WHERE origin = 'devices'")
@@ -182,3 +175,45 @@ async def test_a_backfill_killed_halfway_and_run_again_stores_everything_once(
         assert (await query(engine, "SELECT count(*) FROM device_messages"))[0][0] == stored
     finally:
         await engine.dispose()
+
+
+async def _repair_done(engine: AsyncEngine, timeout: float = 60) -> bool:
+    """Wait for the daemon's gap-repair task to end; True when no plan is left pending."""
+    deadline = time.monotonic() + timeout
+    while any(t.get_name() == "gap-repair" and not t.done() for t in asyncio.all_tasks()):
+        assert time.monotonic() < deadline, "the gap repair did not end"
+        await asyncio.sleep(0.1)
+    return not await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING)
+
+
+async def test_a_repair_that_flespi_refuses_stays_pending_and_resumes_on_the_next_start(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+) -> None:
+    settings = settings_for(broker.url, database.url, schema_name, session_expiry=1)
+    async with running_mirror(settings) as running:
+        await simulate(broker, record, 200, seed=4, snapshot=True)
+        await settle(running)
+    await asyncio.sleep(3)  # the session expires
+    await simulate(broker, record, 300, seed=5, snapshot=False)
+
+    responder.behaviour.error_code = 500  # flespi fails every REST call
+    kept = dataclasses.replace(settings, session_expiry=300)
+    async with running_mirror(kept) as running:
+        assert running.mirror.source.session_present is False
+        assert not await _repair_done(running.engine)
+        # the live stream is not held up by the failed repair
+        await simulate(broker, record, 50, seed=6, snapshot=False)
+        await settle(running)
+        live = await query(running.engine, "SELECT count(*) FROM device_messages")
+        assert live[0][0] < record.message_count()  # the gap is still open
+
+    responder.behaviour.error_code = None
+    async with running_mirror(kept) as running:
+        assert running.mirror.source.session_present is True  # nothing would trigger a repair
+        assert await _repair_done(running.engine)
+        await settle(running)
+        await assert_every_recorded_message_stored_once(running.engine, record)
