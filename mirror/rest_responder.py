@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +76,10 @@ class AccountRecord:
                     self._plugin_configs[key] = json.loads(payload)
                 else:
                     self._plugin_configs.pop(key, None)
+
+    def published(self, publication: Publication, timestamp: float) -> None:
+        """A ``run_simulation`` observer: what the simulator publishes goes into the record."""
+        self.observe(publication.topic, publication.payload, timestamp)
 
     def _device(self, device_id: int) -> _Device:
         return self._devices.setdefault(device_id, _Device())
@@ -249,7 +253,13 @@ class RestResponder:
     """A paho MQTT 5 client that answers ``flespi/rest/...`` requests from an AccountRecord."""
 
     def __init__(
-        self, mqtt_url: str, record: AccountRecord, behaviour: Behaviour | None = None
+        self,
+        mqtt_url: str,
+        record: AccountRecord,
+        behaviour: Behaviour | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         parts = urlsplit(mqtt_url)
         tls = parts.scheme == "mqtts"
@@ -264,6 +274,9 @@ class RestResponder:
         )
         if tls:
             self.client.tls_set()
+        if username is not None or password is not None:
+            self.client.username_pw_set(username or "", password)
+        self._stopped = threading.Event()
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *_args: self._subscribed.set()
@@ -278,8 +291,13 @@ class RestResponder:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self.client.disconnect()
         self.client.loop_stop()
+
+    def serve_forever(self) -> None:
+        """Block, answering in paho's thread, until stopped (or interrupted)."""
+        self._stopped.wait()
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: Any) -> None:
         self.requests += 1
@@ -325,13 +343,4 @@ class RestResponder:
             self.client.publish(topic, piece, qos=1, properties=properties)
 
 
-def recorder(record: AccountRecord) -> Callable[[Publication, float], None]:
-    """An observer for ``run_simulation``: every publication goes into ``record``."""
-
-    def observe(publication: Publication, timestamp: float) -> None:
-        record.observe(publication.topic, publication.payload, timestamp)
-
-    return observe
-
-
-__all__ = ["AccountRecord", "Behaviour", "RestResponder", "recorder"]
+__all__ = ["AccountRecord", "Behaviour", "RestResponder"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror.database import create_engine, migrate
-from mirror.rest_responder import AccountRecord, RestResponder, recorder
+from mirror.rest_responder import AccountRecord, RestResponder
 from mirror.resync import PENDING
 from mirror.simulate import SimulationOptions, run_simulation
 from mirror.traffic import FIRST_DEVICE_ID
@@ -34,6 +34,7 @@ DEVICES = 6
 async def simulate(
     broker: MosquittoBroker, record: AccountRecord, messages: int, seed: int, snapshot: bool
 ) -> None:
+    """Publish simulated traffic; everything published goes into the account's record."""
     options = SimulationOptions(
         mqtt_url=broker.url,
         devices=DEVICES,
@@ -43,7 +44,7 @@ async def simulate(
         retained_snapshot=snapshot,
         max_messages=messages,
     )
-    await asyncio.to_thread(run_simulation, options, observer=recorder(record))
+    await asyncio.to_thread(run_simulation, options, observer=record.published)
 
 
 async def assert_every_recorded_message_stored_once(

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +18,9 @@ from mirror.config import Settings
 from mirror.rest import RestClient, RestError, RestOptions, RestTimeout, assemble
 from mirror.rest_carrier import standalone_rest_client
 from mirror.rest_responder import AccountRecord, RestResponder
+from tests.helpers import ROOT, wait_for_log
 from tests.launchers import MosquittoBroker
+from tests.test_simulate import Subscriber
 
 DEVICE = 1_000_001
 
@@ -164,3 +171,41 @@ def test_an_error_envelope_without_http_code_counts_as_an_error() -> None:
     response = assemble([b'{"errors":[{"code":7,"reason":"no such device"}]}'], None)
     assert response.http_code == 400
     assert response.error_reason == "no such device"
+
+
+async def test_simulate_answers_rest_with_every_message_it_published(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    witness = Subscriber(broker.url, "flespi/message/gw/devices/+")
+    command = [
+        sys.executable, "-m", "mirror.cli", "simulate", "--mqtt-url", broker.url,
+        "--devices", "3", "--rate", "0", "--duration", "1", "--answer-rest",
+    ]
+    log = (tmp_path / "simulate.log").open("w+")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_log(tmp_path / "simulate.log", "answering REST over MQTT")
+        seen = -1
+        while seen != len(witness.messages):  # the witness's last deliveries may trail a little
+            seen = len(witness.messages)
+            await asyncio.sleep(0.3)
+        published: dict[int, set[bytes]] = {}
+        for message in witness.messages:
+            published.setdefault(int(message.topic.rsplit("/", 1)[1]), set()).add(message.payload)
+        assert published, "the simulator published no device messages"
+        async with _client(broker, _options()) as rest:
+            devices = await rest.get("gw/devices/all")
+            answered = {
+                d: {
+                    json.dumps(m, separators=(",", ":")).encode()
+                    for m in await rest.get(f"gw/devices/{d}/messages", {"from": 0, "to": 2e9})
+                }
+                for d in published
+            }
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(10)
+        witness.close()
+    assert len(devices) == 3
+    assert answered == published
