@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import scenarios, views
+from bench.backfill import backfill
 from bench.scenarios import OUT, Options
 
 SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
@@ -27,6 +28,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "profile": scenarios.profile,
     "scale-out": scenarios.scale_out,
     "views": views.views,
+    "backfill": backfill,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -134,6 +136,14 @@ def table(results: dict[str, Any]) -> str:
             f"one position {one_ms:.2f} ms, all {all_ms:.0f} ms",
             f"{v['one_vs_baseline']:.0f} x / {v['all_vs_baseline']:.0f} x the 0001 view; "
             f"writes {v['write_cost_ratio']:.2f} x; targets <= 1 ms, <= 100 ms",
+        ))  # fmt: skip
+    fill = results.get("backfill", {})
+    if "backfill" in fill:
+        rows.append((
+            f"backfill {fill['messages']:,} msgs / {fill['devices']} devices",
+            f"{_f(fill['backfill']['rate'])} msg/s",
+            f"{fill['backfill_vs_fetch']:.2f} x fetch only ({_f(fill['fetch_only']['rate'])} "
+            f"msg/s); again, all stored: {_f(fill['backfill_again']['rate'])} msg/s",
         ))  # fmt: skip
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":

@@ -126,6 +126,11 @@ class AccountRecord:
         with self._lock:
             return [(i, p) for i, d in self._devices.items() for p in d.messages.values()]
 
+    def intervals(self) -> list[tuple[int, int, int]]:
+        """Every current interval as (calc id, device id, interval id)."""
+        with self._lock:
+            return [(c, d, i) for (c, d), found in self._intervals.items() for i in found]
+
     # -- answering -------------------------------------------------------------------------
 
     def answer(self, method: str, uri: str, data: dict[str, Any]) -> tuple[int, bytes]:

@@ -98,6 +98,9 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
         assert await _repair_done(engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(engine, record)
+        rows = await query(engine, "SELECT calc_id, device_id, interval_id FROM intervals")
+        assert record.intervals()
+        assert set(record.intervals()) <= {(int(c), int(d), int(i)) for c, d, i in rows}
         objects = await query(engine, "SELECT id FROM objects WHERE origin = 'devices'")
         assert gone_device not in {int(r[0]) for r in objects}
         assert len(objects) == DEVICES - 1
