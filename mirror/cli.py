@@ -1,4 +1,5 @@
-"""Command line: ``flespi-mirror run | migrate | simulate``. Parses options, calls the pieces."""
+"""Command line: ``flespi-mirror run | migrate | backfill | reconcile | simulate``. Parses options,
+calls the pieces."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mirror import __version__
 from mirror.config import ConfigError, Settings, redact_url
 from mirror.failures import describe
 from mirror.options import (
+    RESYNC,
     OneLineParser,
     add_options,
     environment,
@@ -59,6 +61,9 @@ def setup_logging(level: str, fmt: str) -> None:
 COMMANDS = {
     "run": "run the mirror daemon",
     "migrate": "upgrade the database schema to the newest version",
+    "backfill": "fetch a time window of history from flespi's storage (REST over MQTT); "
+    "resumable, safe beside a running daemon",
+    "reconcile": "delete what the mirror holds that flespi no longer lists (REST over MQTT)",
     "simulate": "publish realistic flespi traffic to a broker",
 }
 
@@ -202,6 +207,56 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+async def _resync(command: str, settings: Settings, values: Mapping[str, Any]) -> int:
+    from mirror.database import create_engine, migrate
+    from mirror.rest_carrier import standalone_rest_client
+    from mirror.resync import backfill_command, parse_time, reconcile_command
+
+    engine = create_engine(_database_url(settings), settings.schema, pool_size=4)
+    try:
+        await migrate(engine, settings.schema)
+        async with standalone_rest_client(settings) as rest:
+            if command == "reconcile":
+                result = await reconcile_command(
+                    rest, engine, max_delete_fraction=values["max_delete_fraction"]
+                )
+                print(f"reconciled: deleted {result.deleted}, skipped {result.skipped}", flush=True)
+                return 1 if result.skipped else 0
+            report = await backfill_command(
+                rest,
+                engine,
+                _time(parse_time, values["begin"], "begin"),
+                _time(parse_time, values["end"], "end") if values["end"] else None,
+                [_device_id(d) for d in values["devices"]],
+                intervals=values["intervals"],
+                page_size=values["page_size"],
+            )
+    finally:
+        await engine.dispose()
+    print(
+        f"backfilled {report.streams} streams: {report.fetched} messages fetched, "
+        f"{report.written} written, {report.already_stored} already stored, "
+        f"{report.intervals} intervals; {len(report.failed)} failed (run again to resume)",
+        flush=True,
+    )
+    return 1 if report.failed else 0
+
+
+def _time(parse: Any, value: str, setting: str) -> float:
+    try:
+        return float(parse(value))
+    except ValueError:
+        raise ConfigError(
+            f"{value!r}: expected Unix seconds or an ISO 8601 time", setting=setting
+        ) from None
+
+
+def _device_id(value: str) -> int:
+    if not value.isdigit():
+        raise ConfigError(f"{value!r}: a device id is a number", setting="devices")
+    return int(value)
+
+
 class Terminated(Exception):
     """SIGTERM before the event loop took over signal handling: stop cleanly."""
 
@@ -241,12 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(values["log_level"], values["log_format"])
         if args.command == "simulate":
             return _simulate(values)
-        if args.command == "run":
+        if args.command in ("run", *RESYNC):
             settings_from(values).require_token()  # before an embedded database is started
+        if args.command == "backfill" and not values["begin"]:
+            raise ConfigError("a backfill needs the start of its window", setting="begin")
         settings, embedded = with_database(settings_from(values))
         try:
             if args.command == "migrate":
                 return asyncio.run(_migrate(settings))
+            if args.command in RESYNC:
+                return asyncio.run(_resync(args.command, settings, values))
             if settings.workers > 1 and not settings.worker:  # a worker never supervises
                 return asyncio.run(_supervise(settings))
             return asyncio.run(_run(settings))
@@ -278,18 +337,37 @@ def _simulate(values: Mapping[str, Any]) -> int:
     options = SimulationOptions(**settings_fields(values, SimulationOptions))
     BrokerAddress.parse(options.mqtt_url)  # a clear error for a URL that cannot work
     log.info("publishing simulated flespi traffic to %s", redact_mqtt_url(options.mqtt_url))
+    responder = None
     try:
-        report = run_simulation(options)
-    except ValueError as exc:  # an option out of range
-        raise ConfigError(str(exc)) from None
-    except (RuntimeError, OSError) as exc:  # the broker cannot be reached or refused us
-        raise ConfigError(str(exc), setting="mqtt_url") from None
-    print(
-        f"published {report.published} messages to {redact_mqtt_url(options.mqtt_url)} in "
-        f"{report.elapsed:.1f}s: "
-        + ", ".join(f"{k}={v}" for k, v in sorted(report.by_family.items())),
-        flush=True,
-    )
+        try:
+            if options.answer_rest:
+                from mirror.rest_responder import AccountRecord, RestResponder
+
+                responder = RestResponder(
+                    options.mqtt_url,
+                    AccountRecord(),
+                    username=options.username,
+                    password=options.password,
+                ).start()
+            report = run_simulation(
+                options, observer=responder.record.published if responder else None
+            )
+        except ValueError as exc:  # an option out of range
+            raise ConfigError(str(exc)) from None
+        except (RuntimeError, OSError) as exc:  # the broker cannot be reached or refused us
+            raise ConfigError(str(exc), setting="mqtt_url") from None
+        print(
+            f"published {report.published} messages to {redact_mqtt_url(options.mqtt_url)} in "
+            f"{report.elapsed:.1f}s: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(report.by_family.items())),
+            flush=True,
+        )
+        if responder is not None:
+            print("answering REST over MQTT until interrupted", flush=True)
+            responder.serve_forever()
+    finally:
+        if responder is not None:
+            responder.stop()
     return 0
 
 

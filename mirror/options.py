@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mirror.config import ConfigError, Secret, Settings
+from mirror.resync_options import BackfillRequest, ReconcileRequest
 
 Kind = Literal["value", "switch", "switch_off", "list"]
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -34,7 +35,11 @@ def target(command: str) -> type[Any]:
         from mirror.simulate import SimulationOptions
 
         return SimulationOptions
-    return Settings
+    return {"backfill": BackfillRequest, "reconcile": ReconcileRequest}.get(command, Settings)
+
+
+# The commands that talk to the broker and the database like the daemon (REST over MQTT).
+RESYNC = ("backfill", "reconcile")
 
 
 def text(value: str) -> str:
@@ -152,33 +157,33 @@ OPTIONS: tuple[Option, ...] = (
         "parameters (sslmode, sslrootcert, sslcert, sslkey, application_name, options, "
         "connect_timeout) are honoured. Without it, an embedded PostgreSQL is started.",
         parse=secret,
-        commands=("run", "migrate"),
+        commands=("run", "migrate", *RESYNC),
         secret=True,
         metavar="URL",
     ),
     Option(
         "schema",
         "PostgreSQL schema holding the mirror's tables; several mirrors can share a database.",
-        commands=("run", "migrate"),
+        commands=("run", "migrate", *RESYNC),
     ),
     Option(
         "data_dir",
         "Data directory of the embedded PostgreSQL (used without a database URL; default: "
         "the user data directory).",
-        commands=("run", "migrate"),
+        commands=("run", "migrate", *RESYNC),
         metavar="DIR",
     ),
     Option(
         "log_level",
         "Least severe log level shown.",
         parse=str.lower,
-        commands=("run", "migrate", "simulate"),
+        commands=("run", "migrate", "simulate", *RESYNC),
         choices=("debug", "info", "warning", "error"),
     ),
     Option(
         "log_format",
         "text for people, json for log collectors (one object per line).",
-        commands=("run", "migrate", "simulate"),
+        commands=("run", "migrate", "simulate", *RESYNC),
         choices=("text", "json"),
     ),
     Option(
@@ -188,6 +193,7 @@ OPTIONS: tuple[Option, ...] = (
         "only let 443 out. Use ru-mqtt.flespi.io for the RU region. User info "
         "(user:password@) is refused: pass the token with --token-file.",
         metavar="URL",
+        commands=("run", *RESYNC),
     ),
     Option(
         "token",
@@ -196,23 +202,32 @@ OPTIONS: tuple[Option, ...] = (
         parse=secret,
         env="FLESPI_TOKEN",
         secret=True,
+        commands=("run", *RESYNC),
     ),
-    Option("token_in_password", "Send the token as the MQTT password instead.", kind="switch"),
+    Option(
+        "token_in_password",
+        "Send the token as the MQTT password instead.",
+        kind="switch",
+        commands=("run", *RESYNC),
+    ),
     Option(
         "allow_plain_token",
         "Allow sending the token to a flespi host over plain mqtt://.",
         kind="switch",
+        commands=("run", *RESYNC),
     ),
     Option(
         "ca_file",
         "CA bundle to verify the broker's TLS certificate (default: the system's CAs).",
         metavar="FILE",
+        commands=("run", *RESYNC),
     ),
     Option(
         "client_id",
         "MQTT client id; the persistent session is keyed on it. Default: stable, derived from "
         "broker, token and schema.",
         to_workers=False,
+        commands=("run", *RESYNC),
     ),
     Option(
         "topics",
@@ -293,7 +308,67 @@ OPTIONS: tuple[Option, ...] = (
         "Ask the broker for every retained message again on this start (a full snapshot).",
         kind="switch",
     ),
+    Option(
+        "repair_gaps",
+        "When the broker did not keep our session, do not backfill the gap from flespi's "
+        "storage nor reconcile state over REST (see 'backfill' and 'reconcile').",
+        kind="switch_off",
+        flag="--no-gap-repair",
+        env="MIRROR_NO_GAP_REPAIR",
+    ),
+    Option(
+        "repair_overlap",
+        "Seconds before the newest stored message that a gap repair fetches again (devices "
+        "that report late).",
+        parse=number,
+    ),
     Option("worker", "", kind="switch", env=None, hidden=True, to_workers=False),
+    # backfill and reconcile
+    Option(
+        "begin",
+        "Start of the window: Unix seconds or ISO 8601 (UTC unless it names a zone). Required.",
+        flag="--from",
+        env=None,
+        commands=("backfill",),
+        metavar="TIME",
+    ),
+    Option(
+        "end",
+        "End of the window (default: now). Run again with the same --from and --to, a killed "
+        "backfill resumes.",
+        flag="--to",
+        env=None,
+        commands=("backfill",),
+        metavar="TIME",
+    ),
+    Option(
+        "devices",
+        "A device id (repeatable). Default: every device flespi lists.",
+        kind="list",
+        flag="--device",
+        env=None,
+        commands=("backfill",),
+        metavar="ID",
+    ),
+    Option(
+        "intervals",
+        "Fetch device messages only, not calculator intervals.",
+        kind="switch_off",
+        flag="--no-intervals",
+        env=None,
+        commands=("backfill",),
+    ),
+    Option(
+        "page_size", "Messages per REST answer.", parse=integer, env=None, commands=("backfill",)
+    ),
+    Option(
+        "max_delete_fraction",
+        "Refuse to delete more than this share of a table's rows (a token that lost its rights "
+        "lists nothing).",
+        parse=number,
+        env=None,
+        commands=("reconcile",),
+    ),
     # simulate
     Option(
         "mqtt_url",
@@ -318,6 +393,14 @@ OPTIONS: tuple[Option, ...] = (
         "Skip publishing the retained state first.",
         kind="switch_off",
         flag="--no-snapshot",
+        env=None,
+        commands=("simulate",),
+    ),
+    Option(
+        "answer_rest",
+        "Also answer flespi's REST API over MQTT (flespi/rest/...) from the simulated account's "
+        "record, and keep answering after the traffic until interrupted.",
+        kind="switch",
         env=None,
         commands=("simulate",),
     ),

@@ -45,6 +45,7 @@ class SimulationOptions:
     client_id: str | None = None
     retained_snapshot: bool = True  # publish the initial retained state of every device first
     max_messages: int | None = None  # stop after this many live publishes, whichever comes first
+    answer_rest: bool = False  # cli: also answer REST over MQTT from the record (rest_responder)
 
 
 @dataclass

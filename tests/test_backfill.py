@@ -221,3 +221,12 @@ async def test_a_repair_that_flespi_refuses_stays_pending_and_resumes_on_the_nex
         assert await _repair_done(running.engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(running.engine, record)
+
+
+def test_a_backfill_without_a_start_is_refused_naming_the_flag() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror.cli", "backfill", "--mqtt-url", "mqtt://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--from" in done.stderr and "start of its window" in done.stderr

@@ -36,7 +36,7 @@ def cli(
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("command", ["run", "simulate"])
+@pytest.mark.parametrize("command", ["run", "simulate", "backfill", "reconcile"])
 def test_readme_option_table_is_the_declarations(command):
     block = re.search(
         rf"<!-- options:{command} -->\n(.*?)\n<!-- /options:{command} -->", README, re.DOTALL
@@ -48,7 +48,7 @@ def test_readme_option_table_is_the_declarations(command):
     )
 
 
-@pytest.mark.parametrize("command", ["run", "migrate", "simulate"])
+@pytest.mark.parametrize("command", ["run", "migrate", "simulate", "backfill", "reconcile"])
 def test_every_flag_in_help_names_its_variable(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     help_text = " ".join(sub.format_help().split())
