@@ -23,7 +23,7 @@ from mirror.config import Settings
 from mirror.database import migrate
 from mirror.failures import database_unreachable
 from mirror.records import Inbound, Reason, Record, Rejection
-from mirror.rest_carrier import standalone_rest_client
+from mirror.rest_carrier import session_rest_client
 from mirror.snapshot import (
     SnapshotCoordinator,
     ask_for_missing_retained_state,
@@ -153,9 +153,8 @@ class Mirror:
             await self._consume(source, until=self.snapshot.over)
 
     async def _repair(self) -> None:
-        """A lost broker session may have dropped messages: backfill and reconcile (resync.py),
-        beside the live stream. Until the daemon's own session can carry REST requests, they
-        travel on a second connection with the same token (rest_carrier.py)."""
+        """A lost broker session may have dropped messages: backfill and reconcile (resync.py)
+        beside the live stream, with REST requests carried by this very session."""
         while self.source.session_present is None and not self._stopping.is_set():
             await asyncio.sleep(0.05)
         try:
@@ -164,7 +163,7 @@ class Mirror:
             )
             if plan is None:
                 return
-            async with standalone_rest_client(self.settings) as rest:
+            async with session_rest_client(self.source) as rest:
                 await resync.repair(rest, self.engine, plan)
         except Exception as exc:  # the live stream goes on; the plan stays pending
             log.error("gap repair failed (resumed on the next start): %s", exc)

@@ -76,6 +76,10 @@ class RestTimeout(RestError):
     """No complete answer within the request timeout, on every attempt."""
 
 
+class _NotSent(Exception):
+    """The carrier could not publish a request (retried like a missing answer)."""
+
+
 @dataclass(frozen=True)
 class RestResponse:
     http_code: int
@@ -201,6 +205,8 @@ class RestClient:
                     response = await self._attempt(method, uri, data)
                 except TimeoutError:
                     code, reason = 0, f"no complete answer within {opts.timeout:g}s"
+                except _NotSent as exc:
+                    code, reason = 0, f"could not publish the request: {exc}"
                 else:
                     metrics.REST_DURATION.observe(time.monotonic() - started)
                     if response.http_code < 400:
@@ -242,7 +248,12 @@ class RestClient:
         payload = json.dumps(dict(data), separators=(",", ":")).encode() if data else b""
         try:
             metrics.REST_IN_FLIGHT.inc()
-            await self._publish(f"{REQUEST_PREFIX}/{method.lower()}/{uri}", payload, properties)
+            try:
+                await self._publish(
+                    f"{REQUEST_PREFIX}/{method.lower()}/{uri}", payload, properties
+                )
+            except Exception as exc:  # whatever the carrier raises: not connected, refused
+                raise _NotSent(str(exc) or type(exc).__name__) from exc
             return await asyncio.wait_for(asyncio.shield(pending.future), self.options.timeout)
         finally:
             metrics.REST_IN_FLIGHT.dec()

@@ -1,8 +1,12 @@
-"""A REST-over-MQTT client carried by an MQTT session of its own (aiomqtt).
+"""Carriers for the REST-over-MQTT client: the daemon's own session, or one of its own.
 
-The standalone ``backfill`` and ``reconcile`` commands use it beside a running daemon: its own
-client id and a clean session, so it never takes over the daemon's persistent session, and the
-same broker and token as the daemon.
+The daemon's gap repair rides on the daemon's session (:func:`session_rest_client`): requests
+are published through ``MqttSource.publish`` and the private response topics are routed to the
+client instead of the pipeline, so the same session and token serve the live stream and REST.
+
+The standalone ``backfill`` and ``reconcile`` commands run beside a running daemon and must not
+take over its persistent session, so they connect with a client id of their own and a clean
+session (:func:`standalone_rest_client`, aiomqtt), to the same broker with the same token.
 """
 
 from __future__ import annotations
@@ -15,11 +19,51 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
+import mqtt5
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mirror.config import Settings
 from mirror.rest import RequestProperties, ResponseMessage, RestClient, RestOptions
+from mirror.source import MqttSource
+
+
+@contextlib.asynccontextmanager
+async def session_rest_client(
+    source: MqttSource, options: RestOptions | None = None
+) -> AsyncIterator[RestClient]:
+    """A RestClient publishing through the daemon's session, fed by a route of its answers."""
+
+    async def publish(topic: str, payload: bytes, properties: RequestProperties) -> None:
+        await source.publish(
+            topic,
+            payload,
+            qos=1,
+            response_topic=properties.response_topic,
+            correlation_data=properties.correlation_data,
+            user_properties=properties.user_properties,
+        )
+
+    rest = RestClient(publish, options=options)
+    answers: asyncio.Queue[mqtt5.PublishPacket] = asyncio.Queue()  # bounded by the concurrency
+    prefix = rest.response_prefix + "/"
+    source.route(rest.subscription, prefix, answers, qos=1)
+
+    async def read() -> None:
+        while True:
+            packet = await answers.get()
+            user = dict(packet.user_properties or [])
+            rest.feed(ResponseMessage(packet.topic, bytes(packet.payload),
+                                      packet.correlation_data, user))
+
+    reader = asyncio.create_task(read(), name="rest-answers")
+    try:
+        yield rest
+    finally:
+        source.unroute(prefix)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 def response_message(message: aiomqtt.Message) -> ResponseMessage:
@@ -54,6 +98,8 @@ def _client(settings: Settings) -> aiomqtt.Client:
         protocol=aiomqtt.ProtocolVersion.V5,
         clean_start=True,
         tls_context=tls_context,
+        transport="websockets" if broker.websocket else "tcp",
+        websocket_path=broker.path if broker.websocket else None,
         timeout=30,
     )
 
