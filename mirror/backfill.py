@@ -73,6 +73,7 @@ class BackfillReport:
     written: int = 0
     already_stored: int = 0
     intervals: int = 0
+    intervals_deleted: int = 0
     failed: list[str] = field(default_factory=list)
 
 
@@ -83,6 +84,13 @@ _EXISTING = text(
     SELECT u.i FROM unnest(CAST(:ts AS float8[])) WITH ORDINALITY AS u(ts, i)
     WHERE EXISTS (SELECT 1 FROM device_messages d
                   WHERE d.device_id = :device_id AND d.ts = to_timestamp(u.ts))
+    """
+)
+_STORED_INTERVALS = text(
+    """
+    SELECT interval_id FROM intervals
+    WHERE calc_id = :calc AND device_id = :device AND interval_id IS NOT NULL
+      AND begin >= to_timestamp(:begin) AND "end" <= to_timestamp(:end)
     """
 )
 _LOAD_PROGRESS = text("SELECT name, value FROM sync_state WHERE name LIKE :prefix")
@@ -247,19 +255,37 @@ class Backfill:
         metrics.BACKFILL_MESSAGES.labels("written").inc(len(new))
 
     async def _intervals(self, calc_id: int, device_id: int) -> None:
+        """The pair's intervals of the window, and deletions of those flespi no longer has.
+
+        Only a stored interval that lies wholly inside the window is deleted when flespi does
+        not list it: how flespi's begin/end filter treats an interval that straddles the
+        window's edges is UNCONFIRMED, and such an interval may simply not be listed."""
+        listed_at = time.time()
         found = await self.rest.get(
             f"gw/calcs/{calc_id}/devices/{device_id}/intervals/all",
             {"begin": self.job.begin, "end": self.job.end},
         )
-        topic = f"flespi/interval/gw/calcs/{calc_id}/devices/{device_id}/updated"
+        base = f"flespi/interval/gw/calcs/{calc_id}/devices/{device_id}"
+        intervals = [i for i in found if isinstance(i, dict)]
         messages = [
-            inbound(topic, _payload(i), _interval_time(i), self.job.cid)
-            for i in found
-            if isinstance(i, dict)
+            inbound(f"{base}/updated", _payload(i), _interval_time(i), self.job.cid)
+            for i in intervals
+        ]
+        listed = {i.get("id") for i in intervals}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                _STORED_INTERVALS,
+                {"calc": calc_id, "device": device_id, "begin": self.job.begin,
+                 "end": self.job.end},
+            )  # fmt: skip
+            gone = [int(i) for (i,) in rows if int(i) not in listed]
+        messages += [
+            inbound(f"{base}/deleted", _payload({"id": i}), listed_at, self.job.cid) for i in gone
         ]
         if messages:
             await write_inbound(self.store, messages)
-        self.report.intervals += len(messages)
+        self.report.intervals += len(intervals)
+        self.report.intervals_deleted += len(gone)
 
 
 def _ts(message: dict[str, Any]) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -84,7 +85,11 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
     await simulate(broker, record, 600, seed=2, snapshot=False)
     gone_device = FIRST_DEVICE_ID + 3
     gone_param = (FIRST_DEVICE_ID + 2, "battery.level")
+    calc, device, gone_interval = next(i for i in record.intervals() if i[1] != gone_device)
     with publisher(broker.url) as pub:
+        topic = f"flespi/interval/gw/calcs/{calc}/devices/{device}/deleted"
+        pub.publish(topic, {"id": gone_interval}, time.time())
+        record.observe(topic, json.dumps({"id": gone_interval}).encode(), time.time())
         for topic in (
             f"flespi/state/gw/devices/{gone_device}",
             f"flespi/state/gw/devices/{gone_param[0]}/telemetry/{gone_param[1]}",
@@ -100,7 +105,9 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
         await assert_every_recorded_message_stored_once(engine, record)
         rows = await query(engine, "SELECT calc_id, device_id, interval_id FROM intervals")
         assert record.intervals()
-        assert set(record.intervals()) <= {(int(c), int(d), int(i)) for c, d, i in rows}
+        # those created meanwhile are there, and those deleted meanwhile are gone
+        assert set(record.intervals()) == {(int(c), int(d), int(i)) for c, d, i in rows}
+        assert (calc, device, gone_interval) not in {tuple(map(int, r)) for r in rows}
         objects = await query(engine, "SELECT id FROM objects WHERE origin = 'devices'")
         assert gone_device not in {int(r[0]) for r in objects}
         assert len(objects) == DEVICES - 1
