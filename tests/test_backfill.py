@@ -237,3 +237,55 @@ def test_a_backfill_without_a_start_is_refused_naming_the_flag() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--from" in done.stderr and "start of its window" in done.stderr
+
+
+async def test_the_reconcile_command_deletes_what_flespi_lost_and_refuses_to_empty_a_table(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+) -> None:
+    settings = settings_for(broker.url, database.url, schema_name)
+    async with running_mirror(settings) as running:
+        await simulate(broker, record, 100, seed=7, snapshot=True)
+        await settle(running)
+    engine = create_engine(database.url, schema_name)
+    command = [
+        sys.executable, "-m", "mirror.cli", "reconcile", "--database-url", database.url,
+        "--schema", schema_name, "--mqtt-url", broker.url,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        gone_device, kept = FIRST_DEVICE_ID + 2, FIRST_DEVICE_ID + 1
+        # flespi lost these while the mirror heard nothing of it
+        record.observe(f"flespi/state/gw/devices/{gone_device}", b"", time.time())
+        record.observe(f"flespi/state/gw/devices/{kept}/telemetry/din", b"", time.time())
+        done = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        devices = {int(r[0]) for r in await query(engine, "SELECT id FROM objects")}
+        assert gone_device not in devices and kept in devices
+        left = await query(
+            engine, "SELECT count(*) FROM telemetry WHERE device_id = :d", d=gone_device
+        )
+        assert left[0][0] == 0
+        params = {r[0] for r in await query(
+            engine, "SELECT name FROM telemetry WHERE device_id = :d", d=kept
+        )}  # fmt: skip
+        assert "din" not in params and "battery.level" in params
+
+        # A flespi that suddenly lists (almost) nothing: the table is left alone, exit 1.
+        for n in range(1, DEVICES + 1):
+            if n != 1:
+                record.observe(f"flespi/state/gw/devices/{FIRST_DEVICE_ID + n}", b"", time.time())
+        before = (await query(engine, "SELECT count(*) FROM telemetry"))[0][0]
+        refused = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert refused.returncode == 1
+        assert "refusing" in refused.stdout
+        assert (await query(engine, "SELECT count(*) FROM telemetry"))[0][0] == before
+    finally:
+        await engine.dispose()
