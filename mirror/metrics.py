@@ -140,11 +140,22 @@ MAINTENANCE_ERRORS = Counter(
     "Failed runs of history partition maintenance (retried every maintenance interval).",
     registry=REGISTRY,
 )
+DATABASE_ERROR_KINDS = ("unavailable", "held", "refused")
 DATABASE_ERRORS = Counter(
     f"{PREFIX}_database_errors_total",
-    "Failed batch writes: unavailable = retried later; refused = rows isolated to dead letters.",
+    "Failed batch writes: unavailable = the database could not be reached or was busy, retried; "
+    "held = the database refused the batch for a reason of its environment (privilege, missing "
+    "object, trigger, constraint), held and retried; refused = rows whose own content was "
+    "refused, dead-lettered.",
     ["kind"],
     registry=REGISTRY,
+)
+BATCH_HELD = Gauge(
+    f"{PREFIX}_batch_held",
+    "1 while a batch is held because the database refuses it for a reason of its environment "
+    "(see /readyz for the error); nothing is acknowledged meanwhile.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 
 REST_REQUESTS = Counter(
@@ -191,7 +202,7 @@ RECONCILE_DELETIONS = Counter(
 # Labelled series start at 0, so rate() and increase() see the first event too.
 for _reason in Reason:
     DEAD_LETTERS.labels(str(_reason))
-for _kind in ("unavailable", "refused"):
+for _kind in DATABASE_ERROR_KINDS:
     DATABASE_ERRORS.labels(_kind)
 for _outcome in ("ok", "retried", "error", "timeout"):
     REST_REQUESTS.labels(_outcome)
@@ -210,15 +221,21 @@ class Health:
     database_ok: bool = False
     stopping: bool = False
     started: float = field(default_factory=time.time)
+    # Why the last write failed, while the database is not ok ("" when unknown).
+    database_problem: str = ""
+    batch_held: bool = False
 
     @property
     def ready(self) -> bool:
         return self.mqtt_connected and self.database_ok and not self.stopping
 
     def not_ready_reasons(self) -> list[str]:
+        database = "batch held" if self.batch_held else "database unavailable"
+        if self.database_problem:
+            database += f" ({self.database_problem})"
         checks = (
             ("mqtt disconnected", self.mqtt_connected),
-            ("database unavailable", self.database_ok),
+            (database, self.database_ok),
             ("stopping", not self.stopping),
         )
         return [name for name, ok in checks if not ok]
@@ -228,6 +245,19 @@ class Health:
             setattr(self, name, value)
         MQTT_CONNECTED.set(1 if self.mqtt_connected else 0)
         READY.set(1 if self.ready else 0)
+
+    def database_failed(self, problem: str, *, held: bool) -> None:
+        """A write failed for the reason given; readiness says so until it succeeds."""
+        self.database_problem = problem
+        self.batch_held = held
+        BATCH_HELD.set(1 if held else 0)
+        self.update(database_ok=False)
+
+    def database_recovered(self) -> None:
+        self.database_problem = ""
+        self.batch_held = False
+        BATCH_HELD.set(0)
+        self.update(database_ok=True)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -56,7 +56,7 @@ class Mirror:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.store = Store(engine)
+        self.store = Store(engine, max_payload_bytes=settings.max_payload_bytes)
         self.health = health or metrics.Health()
         self.source = MqttSource(
             settings,
@@ -248,6 +248,7 @@ class Mirror:
         return result
 
     async def _write_until_done(self, plan: WritePlan) -> WriteResult:
+        """Write the plan, holding it (nothing acknowledged) while the database cannot take it."""
         delay = RETRY_MIN
         outage_started: float | None = None
         while True:
@@ -255,11 +256,9 @@ class Mirror:
             try:
                 result = await self.store.write(plan)
             except DatabaseUnavailable as exc:
-                metrics.DATABASE_ERRORS.labels("unavailable").inc()
                 if outage_started is None:
                     outage_started = time.monotonic()
-                    log.error("database unavailable, holding the batch and retrying: %s", exc)
-                self.health.update(database_ok=False)
+                self._hold(exc, first=delay == RETRY_MIN)
                 if self._deadline is not None and time.monotonic() + delay > self._deadline:
                     raise ShutdownTimeout() from exc
                 await asyncio.sleep(random.uniform(delay / 2, delay))
@@ -271,8 +270,17 @@ class Mirror:
                     "database back after %.1fs; batch committed", time.monotonic() - outage_started
                 )
             if not self.health.database_ok:
-                self.health.update(database_ok=True)
+                self.health.database_recovered()
             return result
+
+    def _hold(self, exc: DatabaseUnavailable, *, first: bool) -> None:
+        """Count, report and log (once per outage, and whenever the reason changes) a held
+        batch: /readyz names the reason until a write succeeds."""
+        metrics.DATABASE_ERRORS.labels("held" if exc.held else "unavailable").inc()
+        if first or exc.detail != self.health.database_problem:
+            what = "the database refuses the batch" if exc.held else "database unavailable"
+            log.error("%s, holding it and retrying: %s", what, exc.detail)
+        self.health.database_failed(exc.detail, held=exc.held)
 
     def _observe(
         self,

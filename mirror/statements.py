@@ -29,8 +29,6 @@ from mirror.families import (
 )
 from mirror.records import ObjectPropertyUpdate, ObjectUpdate, Record
 
-DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
-
 Params: TypeAlias = dict[str, list[Any]]
 Operation: TypeAlias = tuple[str, str, Params]  # (table, operation, bound arrays)
 
@@ -399,10 +397,12 @@ def _no_nul(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
-def dead_letter_params(letters: Sequence[DeadLetter]) -> Params:
+def dead_letter_params(letters: Sequence[DeadLetter], max_payload_bytes: int) -> Params:
+    """Dead letters keep their payload whole, up to ``--max-payload-bytes`` (a payload over the
+    limit is refused for its size and kept cut to the limit), so a replay has all of it."""
     getters: dict[str, Callable[[DeadLetter], Any]] = {
         "topic": lambda d: _no_nul(d.message.topic),
-        "payload": lambda d: d.message.payload[:DEAD_LETTER_PAYLOAD_BYTES],
+        "payload": lambda d: d.message.payload[:max_payload_bytes],
         "payload_size": lambda d: len(d.message.payload),
         "properties": lambda d: json.dumps(
             {_no_nul(k): _no_nul(v) for k, v in d.message.properties.items()}

@@ -1,21 +1,35 @@
 """Write a :class:`~mirror.batch.WritePlan` to PostgreSQL in one transaction.
 
 The statements and their parameters come from ``statements.py``; this module runs them in one
-transaction and decides what a failure means.
+transaction and decides what a failure means. Every error of a write falls in one of four kinds
+(:func:`classify`):
 
-Errors split two ways. A database that cannot be reached raises :class:`DatabaseUnavailable`:
-nothing is acknowledged and the caller retries the same plan. A row PostgreSQL refuses (a value
-it will not store) is isolated: the plan is written again record by record, each in a
-savepoint, and the refused records become dead letters, so one bad row never blocks the stream.
+- ``content``: PostgreSQL refused a *value* (SQLSTATE class 22, data exception; 54000, a value
+  too large). Only this kind can make a dead letter, and only for a record that fails alone.
+- ``size``: the part was too big or too slow for the server or the connection (57014
+  statement_timeout, class 53 resources, the client's command timeout, a connection the server
+  closed in the middle of a statement, e.g. a message over 1 GB). A smaller part may pass.
+- ``held``: the environment refuses the write whatever its size (privileges, a missing table,
+  an operator's trigger or constraint, an unreachable database). Nothing is acknowledged: the
+  caller retries the same plan later and reports why it waits.
+- a bug (anything that is not a database error) is not caught here: it crashes loudly.
+
+A failing part is split in halves, each in its own savepoint, until it passes or one record is
+left; so one refused row in a thousand costs about 2 x log2(1000) statements, not a savepoint
+per row. When the server dropped the connection, the transaction is gone: the plan is written
+again in parts half the size of the one that broke it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mirror.batch import DeadLetter, WritePlan
@@ -29,12 +43,32 @@ from mirror.statements import STATEMENTS, dead_letter_params, plan_operations
 
 log = logging.getLogger(__name__)
 
-# SQLSTATE classes that mean "try again later", not "this row is bad".
+# SQLSTATE classes that mean "the database is away or busy", not "the write is wrong".
 _RETRYABLE_SQLSTATE_CLASSES = {"08", "40", "53", "55", "57", "58"}
+# Errors of the database or the connection to it. Anything else raised while writing is a bug.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+class Failure(StrEnum):
+    """What a database error says about a write (see the module docstring)."""
+
+    CONTENT = "content"
+    SIZE = "size"
+    HELD = "held"
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not take the batch now; retry later, acknowledge nothing."""
+    """The database could not take the batch now; retry later, acknowledge nothing.
+
+    ``held`` is True when the database is reachable but its environment refuses the write
+    (privilege, missing object, an operator's trigger or constraint): only a person can fix that.
+    """
+
+    def __init__(self, detail: str, *, held: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.held = held
 
 
 @dataclass
@@ -43,68 +77,187 @@ class WriteResult:
 
     rows: Counter[tuple[str, str]] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
+    splits: int = 0  # parts split in two because they failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifying errors
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps (SQLAlchemy's ``orig``, causes and contexts)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10 and all(current is not e for e in chain):
+        chain.append(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return chain
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, looking through SQLAlchemy's and asyncpg's wrappers."""
+    for current in _chain(exc):
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    return isinstance(exc, DATABASE_ERRORS)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection broke (no SQLSTATE, or class 08): its transaction is gone."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = sqlstate(exc)
+    if state is not None:
+        return state.startswith("08")
+    return not _client_side_data_error(exc)
+
+
+def _client_side_data_error(exc: BaseException) -> bool:
+    """asyncpg refused to encode a value (e.g. an integer out of bigint range)."""
+    return any(type(e).__name__ == "DataError" for e in _chain(exc))
+
+
+def classify(exc: BaseException) -> Failure:
+    """What a database error raised by a write means; see the module docstring."""
+    state = sqlstate(exc)
+    if state is None:
+        return Failure.CONTENT if _client_side_data_error(exc) else Failure.SIZE
+    if state.startswith("22") or state == "54000":
+        return Failure.CONTENT
+    if state == "57014" or state[:2] in ("08", "53"):
+        return Failure.SIZE
+    return Failure.HELD
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when the database cannot be reached or is busy: wait and try again.
+
+    Only database and connection errors qualify. A bug (alembic's CommandError, SQLAlchemy's
+    CompileError, a KeyError) is not an outage and must crash loudly.
+    """
+    if not _is_database_error(exc):
+        return False
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = sqlstate(exc)
+    if state is not None:
+        return state[:2] in _RETRYABLE_SQLSTATE_CLASSES
+    return not _client_side_data_error(exc)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, looking through SQLAlchemy's and asyncpg's wrappers."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        state = getattr(current, "sqlstate", None)
-        if isinstance(state, str) and state:
-            return state
-        current = getattr(current, "orig", None) or current.__cause__
-    return None
+class _ConnectionBroke(Exception):
+    """A part broke the connection; write the plan again in smaller parts."""
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """True when the database, not the data, is the problem."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    state = sqlstate(exc)
-    if state is not None:
-        return state[:2] in _RETRYABLE_SQLSTATE_CLASSES
-    # No SQLSTATE: a client-side encoding problem is the data's fault; anything else
-    # (refused connection, reset socket, timeout, pool exhausted) is the database's.
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10:
-        chain.append(current)
-        current = getattr(current, "orig", None) or current.__cause__
-    return not any(type(e).__name__ == "DataError" for e in chain)
+_WRITE_ERRORS: tuple[type[BaseException], ...] = (
+    _ConnectionBroke,
+    DatabaseUnavailable,
+    *DATABASE_ERRORS,
+)
 
 
 class Store:
     """Writes plans through a SQLAlchemy async engine whose connections use the mirror schema."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    ) -> None:
         self.engine = engine
+        self.max_payload_bytes = max_payload_bytes
+        # Records per statement; None = the whole plan. Lowered when a part broke the
+        # connection, raised again (doubled) after every plan written in full.
+        self.part_limit: int | None = None
 
     async def write(self, plan: WritePlan) -> WriteResult:
+        """Write the plan; refused records become dead letters.
+
+        Raises :class:`DatabaseUnavailable` (nothing written) when the database is away or its
+        environment refuses the write; the caller keeps the plan and tries again later.
+        """
+        records = plan.records()
+        while True:
+            limit = self.part_limit or max(1, len(records))
+            try:
+                async with self.engine.begin() as conn:
+                    result = await self._write_parts(conn, plan, records, limit)
+            except _WRITE_ERRORS as exc:
+                broke = next((e for e in _chain(exc) if isinstance(e, _ConnectionBroke)), None)
+                if broke is None:
+                    held = _unavailable(exc)
+                    if held is exc:
+                        raise
+                    raise held from exc
+                self.part_limit = max(1, limit // 2)
+                log.warning("%s; writing the batch again in parts of %d", broke, self.part_limit)
+                continue
+            if self.part_limit is not None:
+                self.part_limit = None if self.part_limit * 2 >= len(records) else limit * 2
+            return result
+
+    async def _write_parts(
+        self, conn: AsyncConnection, plan: WritePlan, records: list[Record], limit: int
+    ) -> WriteResult:
+        result = WriteResult()
+        refused: list[DeadLetter] = []
+        for start in range(0, len(records), limit):
+            part = records[start : start + limit]
+            await self._write_part(conn, plan, part, result, refused)
+        letters = [*plan.dead_letters, *refused]
+        if letters:
+            params = dead_letter_params(letters, self.max_payload_bytes)
+            await conn.execute(STATEMENTS["dead_letters.append"], params)
+            result.dead_letters.update(str(d.rejection.reason) for d in letters)
+        return result
+
+    async def _write_part(
+        self,
+        conn: AsyncConnection,
+        plan: WritePlan,
+        part: Sequence[Record],
+        result: WriteResult,
+        refused: list[DeadLetter],
+    ) -> None:
+        """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller."""
         try:
-            async with self.engine.begin() as conn:
-                return await self._write_all(conn, plan)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            if is_retryable(exc):
+            async with conn.begin_nested():
+                written = await self._write_all(conn, _sub_plan(plan, part))
+        except DATABASE_ERRORS as exc:
+            failure = self._failure_of(exc, len(part))
+            if len(part) == 1:
+                if failure is not Failure.CONTENT:
+                    raise DatabaseUnavailable(_describe(exc), held=True) from exc
+                refused.append(_refusal(plan, part[0], exc))
+                return
+            result.splits += 1
+            half = len(part) // 2
+            await self._write_part(conn, plan, part[:half], result, refused)
+            await self._write_part(conn, plan, part[half:], result, refused)
+            return
+        result.rows.update(written.rows)
+
+    @staticmethod
+    def _failure_of(exc: BaseException, size: int) -> Failure:
+        """Classify; hold at once what splitting cannot help; give up a broken connection."""
+        failure = classify(exc)
+        if failure is Failure.HELD:
+            raise DatabaseUnavailable(_describe(exc), held=not is_retryable(exc)) from exc
+        if failure is Failure.SIZE and _connection_lost(exc):
+            if size == 1:
                 raise DatabaseUnavailable(_describe(exc)) from exc
-            log.warning("a batch was refused (%s); isolating the offending records", _describe(exc))
-        try:
-            return await self._write_isolating(plan)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise DatabaseUnavailable(_describe(exc)) from exc
+            raise _ConnectionBroke(f"a part of {size} records broke the connection") from exc
+        return failure
 
     async def _write_all(self, conn: AsyncConnection, plan: WritePlan) -> WriteResult:
         result = WriteResult()
-        if plan.dead_letters:
-            await conn.execute(
-                STATEMENTS["dead_letters.append"], dead_letter_params(plan.dead_letters)
-            )
-            result.dead_letters.update(str(d.rejection.reason) for d in plan.dead_letters)
         for table, op, params in plan_operations(plan):
             cursor = await conn.execute(STATEMENTS[f"{table}.{op}"], params)
             if op == "merge":
@@ -116,33 +269,21 @@ class Store:
                 result.rows[(table, "stale" if op == "upsert" else "duplicate")] += count - affected
         return result
 
-    async def _write_isolating(self, plan: WritePlan) -> WriteResult:
-        """Write each record in its own savepoint; refused ones become dead letters."""
-        result = WriteResult()
-        refused: list[DeadLetter] = []
-        async with self.engine.begin() as conn:
-            for record in plan.records():
-                single = _single_plan(record)
-                try:
-                    async with conn.begin_nested():
-                        partial = await self._write_all(conn, single)
-                except SQLAlchemyError as exc:
-                    if is_retryable(exc):
-                        raise
-                    refused.append(_refusal(plan, record, exc))
-                    continue
-                result.rows.update(partial.rows)
-            letters = [*plan.dead_letters, *refused]
-            if letters:
-                await conn.execute(STATEMENTS["dead_letters.append"], dead_letter_params(letters))
-                result.dead_letters.update(str(d.rejection.reason) for d in letters)
-        return result
+
+def _unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """The error to hold a batch with (the first DatabaseUnavailable raised, if any)."""
+    for current in _chain(exc):
+        if isinstance(current, DatabaseUnavailable):
+            return current
+    return DatabaseUnavailable(_describe(exc), held=not is_retryable(exc))
 
 
-def _single_plan(record: Record) -> WritePlan:
-    plan = WritePlan()
-    plan.add(record)
-    return plan
+def _sub_plan(plan: WritePlan, records: Sequence[Record]) -> WritePlan:
+    """The records of ``plan`` given (in plan order), without its dead letters."""
+    part = WritePlan()
+    for record in records:
+        part.add(record)
+    return part
 
 
 def _refusal(plan: WritePlan, record: Record, exc: BaseException) -> DeadLetter:
@@ -159,4 +300,11 @@ def _describe(exc: BaseException) -> str:
     return (f"[{state}] " if state else "") + text_[:300]
 
 
-__all__ = ["DatabaseUnavailable", "Store", "WriteResult", "is_retryable"]
+__all__ = [
+    "DatabaseUnavailable",
+    "Failure",
+    "Store",
+    "WriteResult",
+    "classify",
+    "is_retryable",
+]

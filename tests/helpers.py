@@ -37,6 +37,7 @@ EXPECTED_ALERTS = {
     "FlespiMirrorDeadLettersRising",
     "FlespiMirrorNoCommits",
     "FlespiMirrorReconnectStorm",
+    "FlespiMirrorBatchHeld",
 }
 
 
