@@ -7,13 +7,14 @@ else.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,9 +23,8 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    make_wsgi_app,
 )
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import choose_encoder
 
 from mirror import __version__
 from mirror.records import (
@@ -260,11 +260,6 @@ class Health:
         self.update(database_ok=True)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 class Readiness(Protocol):
     @property
     def ready(self) -> bool: ...
@@ -272,53 +267,118 @@ class Readiness(Protocol):
     def not_ready_reasons(self) -> list[str]: ...
 
 
-def health_app(
-    health: Readiness, registry: CollectorRegistry = REGISTRY
-) -> Callable[..., Iterable[bytes]]:
-    metrics_app = make_wsgi_app(registry)
+@dataclass(frozen=True)
+class Response:
+    status: str
+    content_type: str
+    body: bytes
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        if path == "/readyz":
-            if health.ready:
-                start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"ready\n"]
-            reasons = health.not_ready_reasons()
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [("not ready: " + ", ".join(reasons) + "\n").encode()]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found\n"]
 
-    return app
+def respond(
+    path: str, accept: str, health: Readiness, registry: CollectorRegistry = REGISTRY
+) -> Response:
+    """The answer to ``GET path``: only /metrics, /healthz and /readyz exist."""
+    if path == "/metrics":
+        encoder, content_type = choose_encoder(accept)
+        return Response("200 OK", content_type, encoder(registry))
+    if path == "/healthz":
+        return Response("200 OK", "text/plain", b"ok\n")
+    if path == "/readyz":
+        if health.ready:
+            return Response("200 OK", "text/plain", b"ready\n")
+        reasons = ", ".join(health.not_ready_reasons())
+        return Response("503 Service Unavailable", "text/plain", f"not ready: {reasons}\n".encode())
+    return Response("404 Not Found", "text/plain", b"not found\n")
 
 
 class MetricsServer:
-    """The HTTP listener, in a daemon thread so a busy event loop never delays a scrape."""
+    """The HTTP listener: one thread running an asyncio server, whatever the number of clients.
+
+    A thread of its own, so a busy daemon loop never delays a scrape or a probe; asyncio inside
+    it, so 1,000 idle connections cost 1,000 sockets, not 1,000 threads, and a probe is still
+    answered among them. A client gets ``request_timeout`` seconds to send its request and take
+    the answer, then the connection is closed. prometheus-client's own servers start a thread
+    per request, hence this small server.
+    """
+
+    MAX_REQUEST_BYTES = 8192
+    BACKLOG = 1024  # connections the kernel queues before the loop accepts them
 
     def __init__(
-        self, host: str, port: int, health: Readiness, registry: CollectorRegistry = REGISTRY
+        self,
+        host: str,
+        port: int,
+        health: Readiness,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        request_timeout: float = 5.0,
     ) -> None:
-        self._server = make_server(
-            host,
-            port,
-            health_app(health, registry),
-            ThreadingWSGIServer,
-            handler_class=_QuietHandler,
+        self.health = health
+        self.registry = registry
+        self.request_timeout = request_timeout
+        self.clients = 0  # connections open now
+        # Bound here, so a port in use fails the caller at once.
+        self._socket = socket.create_server((host, port), backlog=self.BACKLOG)
+        self.port = int(self._socket.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(
+                self._serve, sock=self._socket, limit=self.MAX_REQUEST_BYTES, backlog=self.BACKLOG
+            )
         )
-        self.port = int(self._server.server_port)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
+        self._loop.run_forever()
+        self._server.close()
+        clients = asyncio.all_tasks(self._loop)
+        for task in clients:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*clients, return_exceptions=True))
+        self._loop.run_until_complete(self._server.wait_closed())
+        self._loop.close()
 
     def start(self) -> MetricsServer:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._socket.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients += 1
+        try:
+            await asyncio.wait_for(self._answer(reader, writer), self.request_timeout)
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
+            pass  # a slow, silent or broken client: drop it
+        finally:
+            self.clients -= 1
+            writer.close()
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(writer.wait_closed(), self.request_timeout)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, target, _version = request_line.split(" ", 2)
+        headers = dict(
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in header_lines if line)
+        )
+        if method not in ("GET", "HEAD"):
+            answer = Response("405 Method Not Allowed", "text/plain", b"method not allowed\n")
+        else:
+            path = target.split("?", 1)[0]
+            answer = respond(path, headers.get("accept", ""), self.health, self.registry)
+        writer.write(
+            f"HTTP/1.1 {answer.status}\r\nContent-Type: {answer.content_type}\r\n"
+            f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        if method == "GET":
+            writer.write(answer.body)
+        await writer.drain()

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mirror import metrics
 from mirror.batch import WritePlan
 from mirror.database import create_engine, migrate
-from mirror.records import DeviceMessage, TelemetryUpdate
 from mirror.pipeline import Mirror
+from mirror.records import DeviceMessage, TelemetryUpdate
 from mirror.store import DatabaseUnavailable, Failure, Store, classify, is_retryable
 from mirror.testing import MosquittoBroker, TestDatabase, record_figures
 from tests.helpers import publisher, query, running_mirror, settings_for

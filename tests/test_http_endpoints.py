@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -204,3 +205,29 @@ def idle_server() -> Iterator[MetricsServer]:
 @pytest.mark.parametrize("path", ["/", "/metrics/", "/health", "/ready", "/favicon.ico"])
 def test_any_other_path_is_404(idle_server: MetricsServer, path: str) -> None:
     assert get(idle_server.port, path) == (404, "text/plain", "not found\n")
+
+
+def test_a_thousand_idle_connections_start_no_thread_and_are_closed_after_the_timeout() -> None:
+    server = MetricsServer("127.0.0.1", 0, Health(), request_timeout=3.0).start()
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1000)]
+    try:
+        deadline = time.monotonic() + 10
+        while server.clients < 1000:
+            assert time.monotonic() < deadline, server.clients
+            time.sleep(0.05)
+        assert threading.active_count() == threads_before
+        assert get(server.port, "/healthz") == (200, "text/plain", "ok\n")  # served among them
+        for sock in idle[:5]:
+            sock.sendall(b"GET /re")  # a request that never ends is timed out the same way
+        deadline = time.monotonic() + 10
+        while server.clients:
+            assert time.monotonic() < deadline, f"{server.clients} connections never timed out"
+            time.sleep(0.05)
+        for sock in idle:
+            sock.settimeout(1)
+            assert sock.recv(1) == b"", "the server closed every idle connection"
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
