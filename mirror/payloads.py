@@ -1,9 +1,10 @@
 """Payload and property validation: JSON that PostgreSQL's jsonb will accept, sane timestamps.
 
 JSON payloads are validated here but kept as their original text, so PostgreSQL stores exactly
-what flespi sent (numbers keep their precision). Everything ``jsonb`` would refuse (NaN,
-``\\u0000``, lone surrogates, absurd nesting) is rejected here instead, so one bad message can
-never fail a whole batch. Pure.
+what flespi sent (numbers keep their precision, however many digits). Everything ``jsonb``
+would refuse (NaN, an escaped NUL, lone surrogates, absurd nesting) is rejected here instead, so
+one bad message can never fail a whole batch; what jsonb accepts is accepted here too (the text
+``\\\\u0000``, an escaped backslash before ``u0000``, is not a NUL). Pure.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from mirror.records import Reason
@@ -44,6 +46,29 @@ def _finite_float(text: str) -> float:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Python refuses to turn more digits than this into an int (CVE-2020-10735); jsonb's numeric
+# takes up to 131,072. Longer integers are checked as decimals; the text is what is stored.
+_INT_DIGITS = 4000
+
+
+def _integer(text: str) -> int | Decimal:
+    return int(text) if len(text) <= _INT_DIGITS else Decimal(text)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value holds U+0000 in any string, key or value."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -71,14 +96,16 @@ def parse_json(payload: bytes) -> tuple[str, Any]:
     except UnicodeDecodeError as exc:
         raise Invalid(Reason.INVALID_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_integer
+        )
     except Invalid:
         raise
     except RecursionError:
         raise Invalid(Reason.TOO_DEEPLY_NESTED, "JSON nesting too deep to parse") from None
     except ValueError as exc:
         raise Invalid(Reason.MALFORMED_JSON, f"malformed JSON: {str(exc)[:120]}") from None
-    if "\x00" in text or "\\u0000" in text:
+    if "\\u0000" in text and _holds_nul(value):
         raise Invalid(Reason.UNSUPPORTED_UNICODE, "JSON text holds U+0000, which jsonb refuses")
     if _SURROGATE_ESCAPE.search(text):
         try:

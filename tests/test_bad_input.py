@@ -368,3 +368,31 @@ def _props(pairs: dict[str, str]) -> Any:
     props = Properties(PacketTypes.PUBLISH)
     props.UserProperty = list(pairs.items())
     return props
+
+
+VALID_BUT_ODD = {
+    "escaped_backslash_before_u0000": b'{"s":"a\\\\u0000b"}',  # the text a\u0000b, no NUL
+    "five_thousand_digit_integer": b'{"n":' + b"7" * 5000 + b"}",
+    "negative_five_thousand_digits": b"-" + b"9" * 5000,
+}
+
+
+@pytest.mark.parametrize("name", list(VALID_BUT_ODD))
+def test_valid_json_that_jsonb_stores_is_accepted_and_kept_verbatim(jsonb_connection, name):
+    payload = VALID_BUT_ODD[name]
+    message = Inbound(TELEMETRY.format("odd"), payload, {"timestamp": repr(TS)}, TS)
+    result = decode(message, 1024 * 1024)
+    assert not isinstance(result, Rejection), result
+    assert _json_text(result) == payload.decode()
+    same = _loop.run_until_complete(
+        jsonb_connection.fetchval(
+            "SELECT $1::text::jsonb = $2::text::jsonb", payload.decode(), payload.decode()
+        )
+    )
+    assert same is True
+
+
+def test_an_escaped_nul_inside_a_key_is_still_refused() -> None:
+    message = Inbound(TELEMETRY.format("nul"), b'{"a\\u0000": 1}', {"timestamp": repr(TS)}, TS)
+    result = decode(message, MAX_PAYLOAD)
+    assert isinstance(result, Rejection) and result.reason == "unsupported_unicode"
