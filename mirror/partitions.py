@@ -9,6 +9,9 @@ Rows outside the prepared days (a device replaying last month's buffer, a clock 
 land in the default partition; when their day's partition is made later they are moved into it.
 
 Partition names and bounds are derived from dates computed here, never from message content.
+Every identifier is quoted, and retention drops only the partitions this module made (ordinary
+tables named ``<table>_pYYYYMMDD``): a partition an operator attached (an archive, a table
+with a name that needs quoting) is left alone, and its days are not made again.
 """
 
 from __future__ import annotations
@@ -47,11 +50,21 @@ def _bound(day: dt.date) -> str:
     return f"{day.isoformat()} 00:00:00+00"
 
 
-async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, str]:
+def _quote(conn: AsyncConnection, name: str) -> str:
+    return conn.dialect.identifier_preparer.quote_identifier(name)
+
+
+@dataclass(frozen=True)
+class _Partition:
+    name: str
+    ours: bool  # made by this module: an ordinary table named as partition_name() names it
+
+
+async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, _Partition]:
     rows = await conn.execute(
         text(
             """
-            SELECT c.relname FROM pg_inherits i
+            SELECT c.relname, c.relkind::text FROM pg_inherits i
             JOIN pg_class c ON c.oid = i.inhrelid
             JOIN pg_class p ON p.oid = i.inhparent
             JOIN pg_namespace n ON n.oid = p.relnamespace
@@ -61,10 +74,11 @@ async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, str
         {"table": table},
     )
     days = {}
-    for (name,) in rows:
+    for name, kind in rows:
         match = _DAY_SUFFIX.search(name)
         if match:
-            days[dt.datetime.strptime(match.group(1), "%Y%m%d").date()] = name
+            day = dt.datetime.strptime(match.group(1), "%Y%m%d").date()
+            days[day] = _Partition(name, kind == "r" and name == partition_name(table, day))
     return days
 
 
@@ -72,26 +86,25 @@ async def _create_day(conn: AsyncConnection, table: str, day: dt.date) -> int:
     """Create the day's partition, moving its rows out of the default partition first."""
     lo, hi = _bound(day), _bound(day + DAY)
     params = {"lo": dt.datetime.fromisoformat(lo), "hi": dt.datetime.fromisoformat(hi)}
+    parent, default = _quote(conn, table), _quote(conn, f"{table}_default")
     await conn.execute(
         text(
             f"CREATE TEMP TABLE moving ON COMMIT DROP AS "
-            f"SELECT * FROM {table}_default WHERE ts >= :lo AND ts < :hi"
+            f"SELECT * FROM {default} WHERE ts >= :lo AND ts < :hi"
         ),
         params,
     )
     moved = (
-        await conn.execute(
-            text(f"DELETE FROM {table}_default WHERE ts >= :lo AND ts < :hi"), params
-        )
+        await conn.execute(text(f"DELETE FROM {default} WHERE ts >= :lo AND ts < :hi"), params)
     ).rowcount
     await conn.execute(
         text(
-            f"CREATE TABLE {partition_name(table, day)} PARTITION OF {table} "
+            f"CREATE TABLE {_quote(conn, partition_name(table, day))} PARTITION OF {parent} "
             f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
         )
     )
     if moved:
-        await conn.execute(text(f"INSERT INTO {table} SELECT * FROM moving"))
+        await conn.execute(text(f"INSERT INTO {parent} SELECT * FROM moving"))
     await conn.execute(text("DROP TABLE moving"))
     return max(moved, 0)
 
@@ -121,12 +134,12 @@ async def maintain(
                     report.created.append(partition_name(table, day))
             if retention_days > 0:
                 cutoff = today - retention_days * DAY  # days ending on or before this are gone
-                for day, name in sorted(existing.items()):
-                    if day + DAY <= cutoff:
-                        await conn.execute(text(f"DROP TABLE {name}"))
-                        report.dropped.append(name)
+                for day, partition in sorted(existing.items()):
+                    if day + DAY <= cutoff and partition.ours:
+                        await conn.execute(text(f"DROP TABLE {_quote(conn, partition.name)}"))
+                        report.dropped.append(partition.name)
                 expired = await conn.execute(
-                    text(f"DELETE FROM {table}_default WHERE ts < :cutoff"),
+                    text(f"DELETE FROM {_quote(conn, table + '_default')} WHERE ts < :cutoff"),
                     {"cutoff": dt.datetime.fromisoformat(_bound(cutoff))},
                 )
                 report.expired_default_rows += max(expired.rowcount, 0)
@@ -155,7 +168,10 @@ async def prune_tombstones(engine: AsyncEngine, keep_days: int) -> int:
         for table in metadata.sorted_tables:
             if table.name.endswith("_tombstones"):
                 result = await conn.execute(
-                    text(f"DELETE FROM {table.name} WHERE ts < now() - make_interval(days => :d)"),
+                    text(
+                        f"DELETE FROM {_quote(conn, table.name)} "
+                        "WHERE ts < now() - make_interval(days => :d)"
+                    ),
                     {"d": keep_days},
                 )
                 removed += max(result.rowcount, 0)

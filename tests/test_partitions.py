@@ -111,3 +111,47 @@ async def test_tombstones_older_than_the_horizon_are_pruned(engine):
     assert await prune_tombstones(engine, keep_days=14) == 2
     assert await query(engine, "SELECT name FROM telemetry_tombstones") == [("recent",)]
     assert await query(engine, "SELECT count(*) FROM objects_tombstones") == [(0,)]
+
+
+async def test_partitions_and_foreign_tables_an_operator_made_never_break_maintenance(engine):
+    """A foreign table cannot be a partition of a table with a primary key, so the operator's
+    foreign archive sits beside the tables and an ordinary archive table (a name that needs
+    quoting) is attached for an old day; both carry the partition suffix."""
+    suffix = engine.url.database + str(id(engine))
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(f'CREATE FOREIGN DATA WRAPPER "fdw {suffix}"')
+        await conn.exec_driver_sql(
+            f'CREATE SERVER "archive {suffix}" FOREIGN DATA WRAPPER "fdw {suffix}"'
+        )
+        await conn.exec_driver_sql(
+            f'CREATE FOREIGN TABLE "Device Messages_p20260201" (device_id bigint) '
+            f'SERVER "archive {suffix}"'
+        )
+        await conn.exec_driver_sql(
+            'CREATE TABLE "Archive; device_messages_p20260202" (LIKE device_messages INCLUDING ALL)'
+        )
+        await conn.exec_driver_sql(
+            'ALTER TABLE device_messages ATTACH PARTITION "Archive; device_messages_p20260202" '
+            "FOR VALUES FROM ('2026-02-02 00:00:00+00') TO ('2026-02-03 00:00:00+00')"
+        )
+        await conn.exec_driver_sql(
+            'CREATE TABLE "Archive; device_messages_p20260311" (LIKE device_messages INCLUDING ALL)'
+        )
+        await conn.exec_driver_sql(
+            'ALTER TABLE device_messages ATTACH PARTITION "Archive; device_messages_p20260311" '
+            "FOR VALUES FROM ('2026-03-11 00:00:00+00') TO ('2026-03-12 00:00:00+00')"
+        )
+    try:
+        await maintain(engine, today=TODAY - 30 * DAY, days_ahead=1)
+        report = await maintain(engine, today=TODAY, days_ahead=3, retention_days=7)
+        assert "device_messages_p20260208" in report.dropped  # ours, past retention
+        assert not any("Archive" in name for name in report.dropped)  # the operator's stays
+        assert "device_messages_p20260311" not in report.created  # the operator covers the day
+        assert "device_messages_p20260312" in report.created
+        names = {r[0] for r in await query(engine, "SELECT relname FROM pg_class")}
+        assert {"Archive; device_messages_p20260202", "Device Messages_p20260201"} <= names
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql('DROP FOREIGN TABLE "Device Messages_p20260201"')
+            await conn.exec_driver_sql(f'DROP SERVER "archive {suffix}"')
+            await conn.exec_driver_sql(f'DROP FOREIGN DATA WRAPPER "fdw {suffix}"')
