@@ -1,5 +1,5 @@
-"""Command line: ``flespi-mirror run | migrate | backfill | reconcile | simulate``. Parses options,
-calls the pieces."""
+"""Command line: ``flespi-mirror run | migrate | backfill | reconcile | replay-dead-letters |
+simulate``. Parses options, calls the pieces."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ COMMANDS = {
     "backfill": "fetch a time window of history from flespi's storage (REST over MQTT); "
     "resumable, safe beside a running daemon",
     "reconcile": "delete what the mirror holds that flespi no longer lists (REST over MQTT)",
+    "replay-dead-letters": "process dead letters again once their cause is fixed",
     "simulate": "publish realistic flespi traffic to a broker",
 }
 
@@ -257,6 +258,30 @@ def _device_id(value: str) -> int:
     return int(value)
 
 
+async def _replay(settings: Settings, values: Mapping[str, Any]) -> int:
+    from mirror.config import ReplayOptions
+    from mirror.database import create_engine
+    from mirror.dead_letters import replay_dead_letters
+    from mirror.store import DatabaseUnavailable
+
+    options = ReplayOptions(**settings_fields(values, ReplayOptions))
+    engine = create_engine(_database_url(settings), settings.schema)
+    try:
+        report = await replay_dead_letters(
+            engine,
+            reasons=options.reasons,
+            since=options.since,
+            max_payload_bytes=settings.max_payload_bytes,
+        )
+    except DatabaseUnavailable as exc:
+        log.error("the database still refuses the replay: %s", exc)
+        return 1
+    finally:
+        await engine.dispose()
+    print(report.summary(), flush=True)
+    return 0
+
+
 class Terminated(Exception):
     """SIGTERM before the event loop took over signal handling: stop cleanly."""
 
@@ -304,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "migrate":
                 return asyncio.run(_migrate(settings))
+            if args.command == "replay-dead-letters":
+                return asyncio.run(_replay(settings, values))
             if args.command in RESYNC:
                 return asyncio.run(_resync(args.command, settings, values))
             if settings.workers > 1 and not settings.worker:  # a worker never supervises

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -299,6 +300,14 @@ _ASYNCPG_DSN_PARAMETERS = frozenset(
 _STARTUP_PARAMETERS = frozenset(("application_name", "options"))
 _SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
 _SCHEMES = ("postgresql", "postgres")
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """What ``replay-dead-letters`` takes beyond the database options (mirror/dead_letters.py)."""
+
+    reasons: tuple[str, ...] = ()
+    since: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from mirror.config import ConfigError, Secret, Settings
+from mirror.config import ConfigError, ReplayOptions, Secret, Settings
 from mirror.resync_options import BackfillRequest, ReconcileRequest
 
 Kind = Literal["value", "switch", "switch_off", "list"]
@@ -35,7 +36,11 @@ def target(command: str) -> type[Any]:
         from mirror.simulate import SimulationOptions
 
         return SimulationOptions
-    return {"backfill": BackfillRequest, "reconcile": ReconcileRequest}.get(command, Settings)
+    return {
+        "backfill": BackfillRequest,
+        "reconcile": ReconcileRequest,
+        "replay-dead-letters": ReplayOptions,
+    }.get(command, Settings)
 
 
 # The commands that talk to the broker and the database like the daemon (REST over MQTT).
@@ -58,6 +63,14 @@ def number(value: str) -> float:
         return float(value.strip())
     except ValueError:
         raise ValueError("expected a number") from None
+
+
+def iso_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError("expected an ISO 8601 time, e.g. 2026-03-10T12:00:00+00:00") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def secret(value: str) -> Secret:
@@ -157,33 +170,33 @@ OPTIONS: tuple[Option, ...] = (
         "parameters (sslmode, sslrootcert, sslcert, sslkey, application_name, options, "
         "connect_timeout) are honoured. Without it, an embedded PostgreSQL is started.",
         parse=secret,
-        commands=("run", "migrate", *RESYNC),
+        commands=("run", "migrate", "replay-dead-letters", *RESYNC),
         secret=True,
         metavar="URL",
     ),
     Option(
         "schema",
         "PostgreSQL schema holding the mirror's tables; several mirrors can share a database.",
-        commands=("run", "migrate", *RESYNC),
+        commands=("run", "migrate", "replay-dead-letters", *RESYNC),
     ),
     Option(
         "data_dir",
         "Data directory of the embedded PostgreSQL (used without a database URL; default: "
         "the user data directory).",
-        commands=("run", "migrate", *RESYNC),
+        commands=("run", "migrate", "replay-dead-letters", *RESYNC),
         metavar="DIR",
     ),
     Option(
         "log_level",
         "Least severe log level shown.",
         parse=str.lower,
-        commands=("run", "migrate", "simulate", *RESYNC),
+        commands=("run", "migrate", "replay-dead-letters", "simulate", *RESYNC),
         choices=("debug", "info", "warning", "error"),
     ),
     Option(
         "log_format",
         "text for people, json for log collectors (one object per line).",
-        commands=("run", "migrate", "simulate", *RESYNC),
+        commands=("run", "migrate", "replay-dead-letters", "simulate", *RESYNC),
         choices=("text", "json"),
     ),
     Option(
@@ -269,7 +282,31 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "flush_interval", "Seconds to wait for a batch to fill before committing it.", parse=number
     ),
-    Option("max_payload_bytes", "Larger payloads go to dead_letters.", parse=integer),
+    Option(
+        "max_payload_bytes",
+        "Larger payloads go to dead_letters (which keep the payload up to this size).",
+        parse=integer,
+        commands=("run", "replay-dead-letters"),
+    ),
+    Option(
+        "reasons",
+        "Replay only dead letters with this reason (repeatable), e.g. database_rejected; "
+        "default every reason.",
+        kind="list",
+        flag="--reason",
+        env=None,
+        commands=("replay-dead-letters",),
+        metavar="REASON",
+    ),
+    Option(
+        "since",
+        "Replay only dead letters received at or after this ISO 8601 time (UTC without an "
+        "offset), e.g. 2026-03-10T12:00:00+00:00.",
+        parse=iso_time,
+        env=None,
+        commands=("replay-dead-letters",),
+        metavar="TIME",
+    ),
     Option(
         "migrate",
         "Do not run migrations on start (run 'flespi-mirror migrate' separately).",

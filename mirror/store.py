@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, TypeAlias
 
+from sqlalchemy import Executable
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -48,6 +50,7 @@ _RETRYABLE_SQLSTATE_CLASSES = {"08", "40", "53", "55", "57", "58"}
 # Errors of the database or the connection to it. Anything else raised while writing is a bug.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+Statement: TypeAlias = tuple[Executable, Mapping[str, Any]]
 
 
 class Failure(StrEnum):
@@ -177,11 +180,13 @@ class Store:
         # connection, raised again (doubled) after every plan written in full.
         self.part_limit: int | None = None
 
-    async def write(self, plan: WritePlan) -> WriteResult:
+    async def write(self, plan: WritePlan, *, then: Sequence[Statement] = ()) -> WriteResult:
         """Write the plan; refused records become dead letters.
 
         Raises :class:`DatabaseUnavailable` (nothing written) when the database is away or its
         environment refuses the write; the caller keeps the plan and tries again later.
+        ``then`` runs in the same transaction after the plan (a replay deletes the dead letters
+        it re-processed, so a crash can neither lose nor double them).
         """
         records = plan.records()
         while True:
@@ -189,6 +194,8 @@ class Store:
             try:
                 async with self.engine.begin() as conn:
                     result = await self._write_parts(conn, plan, records, limit)
+                    for statement, params in then:
+                        await conn.execute(statement, params)
             except _WRITE_ERRORS as exc:
                 broke = next((e for e in _chain(exc) if isinstance(e, _ConnectionBroke)), None)
                 if broke is None:

@@ -25,8 +25,8 @@ from mirror.database import create_engine, migrate
 from mirror.pipeline import Mirror
 from mirror.records import DeviceMessage, TelemetryUpdate
 from mirror.store import DatabaseUnavailable, Failure, Store, classify, is_retryable
-from mirror.testing import MosquittoBroker, TestDatabase, record_figures
 from tests.helpers import publisher, query, running_mirror, settings_for
+from tests.launchers import MosquittoBroker, TestDatabase, record_figures
 
 TS = 1_731_990_000.0
 MESSAGES = 100
