@@ -179,6 +179,7 @@ class Store:
         # Records per statement; None = the whole plan. Lowered when a part broke the
         # connection, raised again (doubled) after every plan written in full.
         self.part_limit: int | None = None
+        self._too_big: int | None = None
 
     async def write(self, plan: WritePlan, *, then: Sequence[Statement] = ()) -> WriteResult:
         """Write the plan; refused records become dead letters.
@@ -191,6 +192,7 @@ class Store:
         records = plan.records()
         while True:
             limit = self.part_limit or max(1, len(records))
+            self._too_big = None  # the smallest part that failed for its size, this attempt
             try:
                 async with self.engine.begin() as conn:
                     result = await self._write_parts(conn, plan, records, limit)
@@ -199,6 +201,7 @@ class Store:
             except _WRITE_ERRORS as exc:
                 broke = next((e for e in _chain(exc) if isinstance(e, _ConnectionBroke)), None)
                 if broke is None:
+                    self._adapt_part_limit(limit, len(records))
                     held = _unavailable(exc)
                     if held is exc:
                         raise
@@ -206,9 +209,16 @@ class Store:
                 self.part_limit = max(1, limit // 2)
                 log.warning("%s; writing the batch again in parts of %d", broke, self.part_limit)
                 continue
-            if self.part_limit is not None:
-                self.part_limit = None if self.part_limit * 2 >= len(records) else limit * 2
+            self._adapt_part_limit(limit, len(records))
             return result
+
+    def _adapt_part_limit(self, limit: int, records: int) -> None:
+        """After an attempt: start the next one below the smallest part that was too big (a
+        statement_timeout stays tight), or grow back towards whole plans (doubling)."""
+        if self._too_big is not None:
+            self.part_limit = max(1, self._too_big // 2)
+        elif self.part_limit is not None:
+            self.part_limit = None if limit * 2 >= records else limit * 2
 
     async def _write_parts(
         self, conn: AsyncConnection, plan: WritePlan, records: list[Record], limit: int
@@ -239,9 +249,11 @@ class Store:
                 written = await self._write_all(conn, _sub_plan(plan, part))
         except DATABASE_ERRORS as exc:
             failure = self._failure_of(exc, len(part))
+            if failure is Failure.SIZE:
+                self._too_big = min(self._too_big or len(part), len(part))
             if len(part) == 1:
                 if failure is not Failure.CONTENT:
-                    raise DatabaseUnavailable(_describe(exc), held=True) from exc
+                    raise DatabaseUnavailable(_describe(exc), held=not is_retryable(exc)) from exc
                 refused.append(_refusal(plan, part[0], exc))
                 return
             result.splits += 1
