@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import scenarios, views
+from bench import faults, scenarios, views
 from bench.backfill import backfill
 from bench.scenarios import OUT, Options
 
@@ -29,6 +29,8 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "scale-out": scenarios.scale_out,
     "views": views.views,
     "backfill": backfill,
+    "isolation": faults.isolation,
+    "batch-limits": faults.batch_limits,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -144,6 +146,14 @@ def table(results: dict[str, Any]) -> str:
             f"{_f(fill['backfill']['rate'])} msg/s",
             f"{fill['backfill_vs_fetch']:.2f} x fetch only ({_f(fill['fetch_only']['rate'])} "
             f"msg/s); again, all stored: {_f(fill['backfill_again']['rate'])} msg/s",
+        ))  # fmt: skip
+    iso = results.get("isolation", {})
+    if "halving_vs_clean" in iso:
+        rates = iso["rows_per_second"]
+        rows.append((
+            "1 refused row in 1,000", f"{iso['halving_vs_clean']:.2f} x clean",
+            f"{_f(rates['one_in_1000_halving'])} vs {_f(rates['clean'])} rows/s; savepoint per "
+            f"row (before) {iso['savepoint_per_row_vs_clean']:.2f} x; target >= 10 x before",
         ))  # fmt: skip
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":

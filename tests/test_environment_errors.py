@@ -17,10 +17,11 @@ import pytest
 from alembic.util.exc import CommandError
 from sqlalchemy import text
 from sqlalchemy.exc import CompileError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mirror import metrics
 from mirror.batch import WritePlan
+from mirror.config import sqlalchemy_url
 from mirror.database import create_engine, migrate
 from mirror.pipeline import Mirror
 from mirror.records import DeviceMessage, TelemetryUpdate
@@ -311,3 +312,28 @@ async def test_a_migration_bug_crashes_instead_of_being_retried(
             await asyncio.wait_for(Mirror(settings, engine).prepare_database(), 10)
     finally:
         await engine.dispose()
+
+
+async def test_a_command_timeout_splits_the_batch_in_new_transactions_until_parts_pass(
+    database: TestDatabase, owner: AsyncEngine, schema_name: str
+) -> None:
+    """The client's command_timeout (asyncpg cancels the statement): 2 ms per row makes 200 rows
+    take 0.4 s, over a 0.15 s timeout; parts of 25 rows pass."""
+    await admin(
+        owner,
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$",
+        "CREATE TRIGGER slow BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION slow_row()",
+    )
+    engine = create_async_engine(
+        sqlalchemy_url(database.url),
+        connect_args={"server_settings": {"search_path": schema_name}, "command_timeout": 0.15},
+    )
+    store = Store(engine)
+    try:
+        result = await store.write(telemetry_plan(200))
+    finally:
+        await engine.dispose()
+    assert result.rows[("telemetry", "upsert")] == 200 and not result.dead_letters
+    assert store.part_limit is not None and store.part_limit < 200
+    assert (await query(owner, "SELECT count(*) FROM telemetry"))[0][0] == 200
