@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.util.exc import CommandError
 from sqlalchemy import text
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mirror import metrics
 from mirror.batch import WritePlan
-from mirror.config import sqlalchemy_url
+from mirror.config import asyncpg_connect_kwargs
 from mirror.database import create_engine, migrate
 from mirror.pipeline import Mirror
 from mirror.records import DeviceMessage, TelemetryUpdate
@@ -325,10 +326,14 @@ async def test_a_command_timeout_splits_the_batch_in_new_transactions_until_part
         "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$",
         "CREATE TRIGGER slow BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION slow_row()",
     )
-    engine = create_async_engine(
-        sqlalchemy_url(database.url),
-        connect_args={"server_settings": {"search_path": schema_name}, "command_timeout": 0.15},
-    )
+    async def connect() -> Any:
+        return await asyncpg.connect(
+            **asyncpg_connect_kwargs(database.url),
+            server_settings={"search_path": schema_name},
+            command_timeout=0.15,
+        )
+
+    engine = create_async_engine("postgresql+asyncpg://", async_creator=connect)
     store = Store(engine)
     try:
         result = await store.write(telemetry_plan(200))
