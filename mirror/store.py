@@ -50,6 +50,7 @@ _RETRYABLE_SQLSTATE_CLASSES = {"08", "40", "53", "55", "57", "58"}
 # Errors of the database or the connection to it. Anything else raised while writing is a bug.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+_TRANSACTION_ABORTED = "25P02"  # in_failed_sql_transaction
 Statement: TypeAlias = tuple[Executable, Mapping[str, Any]]
 
 
@@ -111,12 +112,13 @@ def _is_database_error(exc: BaseException) -> bool:
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    """The connection broke (no SQLSTATE, or class 08): its transaction is gone."""
+    """The connection broke (no SQLSTATE, or class 08), or its transaction is aborted (a
+    timeout hit the SAVEPOINT statement itself): the transaction is gone."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     state = sqlstate(exc)
     if state is not None:
-        return state.startswith("08")
+        return state.startswith("08") or state == _TRANSACTION_ABORTED
     return not _client_side_data_error(exc)
 
 
@@ -132,7 +134,7 @@ def classify(exc: BaseException) -> Failure:
         return Failure.CONTENT if _client_side_data_error(exc) else Failure.SIZE
     if state.startswith("22") or state == "54000":
         return Failure.CONTENT
-    if state == "57014" or state[:2] in ("08", "53"):
+    if state in ("57014", _TRANSACTION_ABORTED) or state[:2] in ("08", "53"):
         return Failure.SIZE
     return Failure.HELD
 

@@ -268,6 +268,7 @@ async def test_an_environment_error_on_one_row_holds_the_whole_batch(owner: Asyn
         ("57014", Failure.SIZE),
         ("53200", Failure.SIZE),
         ("08006", Failure.SIZE),
+        ("25P02", Failure.SIZE),
         ("42501", Failure.HELD),
         ("42P01", Failure.HELD),
         ("P0001", Failure.HELD),
