@@ -327,6 +327,7 @@ async def test_a_command_timeout_splits_the_batch_in_new_transactions_until_part
         "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$",
         "CREATE TRIGGER slow BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION slow_row()",
     )
+
     async def connect() -> Any:
         return await asyncpg.connect(
             **asyncpg_connect_kwargs(database.url),
