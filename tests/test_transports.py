@@ -12,8 +12,10 @@ import signal
 import time
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
+from mirror.config import asyncpg_connect_kwargs
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
 from tests.launchers import (
     ConfiguredMosquittoBroker,
@@ -130,3 +132,36 @@ async def test_a_new_schema_with_the_same_client_id_gets_the_retained_state_agai
     async with running_mirror(second) as running:
         await asyncio.sleep(0.3)
         assert running.mirror.source.retained_requested is False
+
+
+async def test_large_messages_held_behind_a_lock_are_bounded_by_bytes_not_count(
+    broker, database, schema_name
+):
+    """100 x 900 KB while a table lock holds the batch: with only the message bound (20,000)
+    all 90 MB would be read into memory; the byte bound stops reading at 8 MiB."""
+    bound = 8 * 1024 * 1024
+    settings = settings_for(
+        broker.url, database.url, schema_name, max_unacked_bytes=bound, max_batch_bytes=bound // 2
+    )
+    value = "x" * 900_000
+    async with running_mirror(settings) as running:
+        locker = await asyncpg.connect(**asyncpg_connect_kwargs(database.url))
+        try:
+            tr = locker.transaction()
+            await tr.start()
+            await locker.execute(f'LOCK TABLE "{schema_name}".telemetry IN ACCESS EXCLUSIVE MODE')
+            with publisher(broker.url) as pub:
+                for i in range(100):
+                    pub.publish(f"flespi/state/gw/devices/{i}/telemetry/blob", value, TS)
+            source = running.mirror.source
+            most_bytes, most_messages = 0, 0
+            for _ in range(60):  # 3 s with the lock held
+                most_bytes = max(most_bytes, source.unacked_bytes)
+                most_messages = max(most_messages, source.unacked)
+                await asyncio.sleep(0.05)
+            await tr.commit()
+        finally:
+            await locker.close()
+        await eventually(running.engine, "SELECT count(*) FROM telemetry", [(100,)], timeout=60)
+    assert 0 < most_bytes <= bound + 1_000_000, most_bytes  # the bound plus the packet crossing it
+    assert most_messages < 20, f"{most_messages} messages held: not bounded by bytes"
