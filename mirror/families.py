@@ -104,6 +104,7 @@ class FamilySpec:
 
 _DEVICE = Col("device_id", Kind.ID)
 _RECEIVED = Col("received_at", Kind.TIME)
+_CID = Col("cid", Kind.ID)
 _MESSAGE_TAIL = (
     Col("ts", Kind.TIME),
     Col("digest", Kind.BYTES),
@@ -121,7 +122,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         StateWrites(
             keys=(_DEVICE, Col("name", Kind.TEXT)),
-            values=(Col("value", Kind.JSON),),
+            values=(Col("value", Kind.JSON), _CID),
             present="value",
         ),
     ),
@@ -132,7 +133,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         (RouteSpec("flespi/state/gw/devices/{device_id:int}/settings/{path*}", builders.setting),),
         StateWrites(
             keys=(_DEVICE, Col("name", Kind.TEXT)),
-            values=(Col("value", Kind.JSON),),
+            values=(Col("value", Kind.JSON), _CID),
             present="value",
         ),
     ),
@@ -148,7 +149,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         StateWrites(
             keys=(Col("plugin_id", Kind.ID), _DEVICE),
-            values=(Col("config", Kind.JSON),),
+            values=(Col("config", Kind.JSON), _CID),
             present="config",
         ),
     ),
@@ -194,6 +195,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 Col("end", Kind.TIME),
                 Col("duration", Kind.NUMBER),
                 Col("event", Kind.TEXT),
+                _CID,
             ),
             present="data",
         ),
@@ -215,6 +217,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 Col("ident", Kind.TEXT),
                 Col("payload", Kind.JSON),
                 _RECEIVED,
+                _CID,
             )
         ),
     ),
@@ -235,6 +238,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 Col("server_ts", Kind.TIME),
                 Col("payload", Kind.JSON),
                 _RECEIVED,
+                _CID,
             )
         ),
     ),
@@ -250,6 +254,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 *_MESSAGE_TAIL,
                 Col("payload", Kind.JSON),
                 _RECEIVED,
+                _CID,
             )
         ),
     ),

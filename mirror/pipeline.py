@@ -232,7 +232,9 @@ class Mirror:
         batch (it carries its own ack, to the session it came from)."""
         messages = batch.messages
         max_payload = self.settings.max_payload_bytes
-        decoded = [(m.inbound, decode(m.inbound, max_payload)) for m in messages]
+        # The token's account (from the CONNACK) for messages that carry no cid property.
+        default_cid = self.source.account_cid
+        decoded = [(m.inbound, decode(m.inbound, max_payload, default_cid)) for m in messages]
         plan = coalesce(decoded)
         self._in_hand_since = messages[0].inbound.received_at if messages else None
         try:

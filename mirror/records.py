@@ -228,6 +228,7 @@ class Rejection:
     reason: Reason
     detail: str
     family: Family = Family.UNKNOWN
+    cid: int | None = None  # the account, when the message says (or the session knows) it
 
 
 StateRecord: TypeAlias = (

@@ -26,12 +26,21 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 
 metadata = MetaData()
 
 TS = TIMESTAMP(timezone=True)
+
+
+def _cid() -> Column[int]:
+    return Column(
+        "cid",
+        BigInteger,
+        comment="flespi account (customer) id: the cid user property, else the token's account",
+    )
 
 
 def _tombstones(name: str, *key: Column[object]) -> Table:
@@ -53,8 +62,20 @@ telemetry = Table(
     Column("value", JSONB, nullable=False, comment="the parameter's latest value, as sent"),
     Column("ts", TS, nullable=False, comment="when the value appeared (MQTT 'timestamp')"),
     Column("received_at", TS, nullable=False, comment="when the mirror received it"),
+    Column(
+        "expires_at",
+        TS,
+        comment="when the value expires (MQTT message expiry); NULL: never",
+    ),
+    _cid(),
     PrimaryKeyConstraint("device_id", "name"),
     Index("telemetry_name_idx", "name"),
+    Index("telemetry_cid_idx", "cid"),
+    Index(
+        "telemetry_expires_at_idx",
+        "expires_at",
+        postgresql_where=text("expires_at IS NOT NULL"),
+    ),
     comment="Latest value of every device telemetry parameter.",
 )
 telemetry_tombstones = _tombstones(
@@ -69,6 +90,7 @@ device_settings = Table(
     Column("value", JSONB, nullable=False),
     Column("ts", TS, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("device_id", "name"),
     comment="Current device settings.",
 )
@@ -84,6 +106,7 @@ plugin_device_configs = Table(
     Column("config", JSONB, nullable=False, comment="the plugin's configuration for the device"),
     Column("ts", TS, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("plugin_id", "device_id"),
     comment="Per-device plugin configurations.",
 )
@@ -107,7 +130,9 @@ objects = Table(
     Column("base_ts", TS, comment="timestamp of that whole-object payload"),
     Column("ts", TS, nullable=False, comment="newest timestamp of any update of the object"),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("api", "origin", "id"),
+    Index("objects_cid_idx", "cid"),
     comment="flespi items (devices, channels, calcs, ...) with their properties.",
 )
 objects_tombstones = _tombstones(
@@ -124,6 +149,7 @@ object_properties = Table(
     Column("value", JSONB, nullable=False),
     Column("ts", TS, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("api", "origin", "id", "path"),
     comment="Individual property updates of flespi items (merged into objects.props).",
 )
@@ -149,8 +175,10 @@ intervals = Table(
     Column("data", JSONB, nullable=False, comment="the whole interval, with every counter"),
     Column("ts", TS, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("calc_id", "device_id", "interval_key"),
     Index("intervals_device_begin_idx", "device_id", "begin"),
+    Index("intervals_cid_idx", "cid"),
     comment="Calculator intervals per device.",
 )
 intervals_tombstones = _tombstones(
@@ -170,8 +198,10 @@ device_messages = Table(
     Column("ident", Text),
     Column("payload", JSONB, nullable=False, comment="the whole message, dotted keys"),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("device_id", "ts", "digest"),
     Index("device_messages_ts_idx", "ts"),
+    Index("device_messages_cid_ts_idx", "cid", "ts"),
     comment="Every device message, each stored once.",
     postgresql_partition_by="RANGE (ts)",
 )
@@ -186,8 +216,10 @@ channel_messages = Table(
     Column("server_ts", TS),
     Column("payload", JSONB, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("channel_id", "ident", "ts", "digest"),
     Index("channel_messages_ts_idx", "ts"),
+    Index("channel_messages_cid_ts_idx", "cid", "ts"),
     comment="Every message seen by a channel, each stored once.",
     postgresql_partition_by="RANGE (ts)",
 )
@@ -201,6 +233,7 @@ modem_messages = Table(
     Column("digest", LargeBinary, nullable=False),
     Column("payload", JSONB, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     PrimaryKeyConstraint("modem_id", "phone", "ts", "digest"),
     comment="SMS received by modems, each stored once.",
     postgresql_partition_by="RANGE (ts)",
@@ -217,8 +250,69 @@ dead_letters = Table(
     Column("reason", Text, nullable=False),
     Column("detail", Text, nullable=False),
     Column("received_at", TS, nullable=False),
+    _cid(),
     Index("dead_letters_received_at_idx", "received_at"),
+    Index("dead_letters_cid_idx", "cid"),
     comment="Messages that could not be mirrored, with the reason.",
+)
+
+calculator_devices = Table(
+    "calculator_devices",
+    metadata,
+    Column("calc_id", BigInteger, nullable=False, comment="flespi calculator id"),
+    Column("device_id", BigInteger, nullable=False, comment="flespi device id"),
+    _cid(),
+    Column("last", JSONB, comment="the last interval (.../last)"),
+    Column("last_ts", TS),
+    Column(
+        "active",
+        JSONB,
+        comment="the active interval (.../active, activation events); JSON null: none",
+    ),
+    Column("active_ts", TS),
+    Column("synced", JSONB, comment="the sync state (.../synced)"),
+    Column("synced_ts", TS),
+    Column("ts", TS, nullable=False, comment="newest timestamp of any field"),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("calc_id", "device_id"),
+    Index("calculator_devices_device_id_idx", "device_id"),
+    Index("calculator_devices_cid_idx", "cid"),
+    comment="A calculator's state for each device assigned to it.",
+)
+
+platform_logs = Table(
+    "platform_logs",
+    metadata,
+    Column("api", Text, nullable=False, comment="flespi API, e.g. gw, platform"),
+    Column("origin", Text, nullable=False, comment="origin path, e.g. devices/5/commands-queue/1"),
+    Column("event_type", Text, nullable=False, comment="last topic level, e.g. created"),
+    _cid(),
+    Column("ts", TS, nullable=False, comment="the record's timestamp"),
+    Column("digest", LargeBinary, nullable=False, comment="MD5 of the payload"),
+    Column("event_code", BigInteger),
+    Column("payload", JSONB, nullable=False, comment="the whole log record"),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("api", "origin", "event_type", "ts", "digest"),
+    Index("platform_logs_ts_idx", "ts"),
+    Index("platform_logs_cid_ts_idx", "cid", "ts"),
+    comment="flespi platform logs (flespi/log/...), each stored once.",
+    postgresql_partition_by="RANGE (ts)",
+)
+
+other_messages = Table(
+    "other_messages",
+    metadata,
+    Column("topic", Text, nullable=False, comment="the whole MQTT topic"),
+    _cid(),
+    Column("ts", TS, nullable=False, comment="payload 'timestamp', else the property"),
+    Column("digest", LargeBinary, nullable=False, comment="MD5 of the payload"),
+    Column("payload", JSONB, nullable=False),
+    Column("received_at", TS, nullable=False),
+    PrimaryKeyConstraint("topic", "ts", "digest"),
+    Index("other_messages_ts_idx", "ts"),
+    Index("other_messages_cid_ts_idx", "cid", "ts"),
+    comment="flespi/message/... families not modelled yet (chats, containers, abques).",
+    postgresql_partition_by="RANGE (ts)",
 )
 
 sync_state = Table(
@@ -281,12 +375,16 @@ STATE_TABLES = (
     objects,
     object_properties,
     intervals,
+    calculator_devices,
 )
 # History tables are partitioned by day of ts (UTC): ``<table>_pYYYYMMDD`` partitions made
 # ahead by the daemon, and ``<table>_default`` for rows outside them (see partitions.py).
-HISTORY_TABLES = (device_messages, channel_messages, modem_messages)
+HISTORY_TABLES = (device_messages, channel_messages, modem_messages, platform_logs, other_messages)
 VIEWS = ("devices", "device_positions")
-PARTITION_NAME = re.compile(r"^(device|channel|modem)_messages_(default|p\d{8})$")
+PARTITION_NAME = re.compile(
+    r"^(device_messages|channel_messages|modem_messages|platform_logs|other_messages)"
+    r"_(default|p\d{8})$"
+)
 
 
 def include_in_autogenerate(

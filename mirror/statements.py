@@ -34,6 +34,7 @@ Operation: TypeAlias = tuple[str, str, Params]  # (table, operation, bound array
 
 _TS = Col("ts", Kind.TIME)
 _RECEIVED = Col("received_at", Kind.TIME)
+_CID = Col("cid", Kind.ID)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,13 +163,13 @@ def _object_key(r: ObjectUpdate | ObjectPropertyUpdate) -> tuple[str, str, int]:
 
 
 def _objects_ops(plan: WritePlan) -> list[Operation]:
-    w = StateWrites(_OBJECT_KEYS, (Col("props", Kind.JSON),), "props")
+    w = StateWrites(_OBJECT_KEYS, (Col("props", Kind.JSON), _CID), "props")
     return _state_ops("objects", w, plan.rows("objects"))
 
 
 def _object_properties_ops(plan: WritePlan) -> list[Operation]:
     props = [_PathRow(r) for r in plan.rows("object_properties")]  # type: ignore[arg-type]
-    w = StateWrites((*_OBJECT_KEYS, _PATH), (Col("value", Kind.JSON),), "value")
+    w = StateWrites((*_OBJECT_KEYS, _PATH), (Col("value", Kind.JSON), _CID), "value")
     ops = _state_ops("object_properties", w, props)  # type: ignore[arg-type]
     touched = sorted(
         {_object_key(r) for r in plan.rows("objects")}  # type: ignore[arg-type]
@@ -226,19 +227,19 @@ _OBJECTS_DELETE = text(
 
 _OBJECTS_UPSERT = text(
     """
-    INSERT INTO objects AS o (api, origin, id, props, base, base_ts, ts, received_at)
+    INSERT INTO objects AS o (api, origin, id, props, base, base_ts, ts, received_at, cid)
     SELECT u.api, u.origin, u.id, u.props::jsonb, u.props::jsonb, to_timestamp(u.ts),
-           to_timestamp(u.ts), to_timestamp(u.received_at)
+           to_timestamp(u.ts), to_timestamp(u.received_at), u.cid
     FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
-                CAST(:props AS text[]), CAST(:ts AS float8[]),
-                CAST(:received_at AS float8[])) AS u(api, origin, id, props, ts, received_at)
+                CAST(:props AS text[]), CAST(:cid AS bigint[]), CAST(:ts AS float8[]),
+                CAST(:received_at AS float8[])) AS u(api, origin, id, props, cid, ts, received_at)
     WHERE NOT EXISTS (
         SELECT 1 FROM objects_tombstones tb
         WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
           AND tb.ts > to_timestamp(u.ts))
     ON CONFLICT (api, origin, id) DO UPDATE
     SET base = EXCLUDED.base, base_ts = EXCLUDED.base_ts, ts = greatest(o.ts, EXCLUDED.ts),
-        received_at = EXCLUDED.received_at
+        received_at = EXCLUDED.received_at, cid = coalesce(EXCLUDED.cid, o.cid)
     WHERE o.base_ts IS NULL OR o.base_ts <= EXCLUDED.base_ts
     """
 )
@@ -270,11 +271,11 @@ _OBJECT_PROPERTIES_UPSERT = text(
     WITH u AS (
         SELECT x.api, x.origin, x.id,
                ARRAY(SELECT jsonb_array_elements_text(x.path::jsonb)) AS path,
-               x.value, x.ts, x.received_at
+               x.value, x.cid, x.ts, x.received_at
         FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
-                    CAST(:path AS text[]), CAST(:value AS text[]), CAST(:ts AS float8[]),
-                    CAST(:received_at AS float8[]))
-             AS x(api, origin, id, path, value, ts, received_at)
+                    CAST(:path AS text[]), CAST(:value AS text[]), CAST(:cid AS bigint[]),
+                    CAST(:ts AS float8[]), CAST(:received_at AS float8[]))
+             AS x(api, origin, id, path, value, cid, ts, received_at)
     ), live AS (
         SELECT u.* FROM u
         WHERE NOT EXISTS (
@@ -286,17 +287,18 @@ _OBJECT_PROPERTIES_UPSERT = text(
             WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
               AND tb.path = u.path AND tb.ts > to_timestamp(u.ts))
     ), parents AS (
-        INSERT INTO objects (api, origin, id, props, ts, received_at)
+        INSERT INTO objects (api, origin, id, props, ts, received_at, cid)
         SELECT DISTINCT ON (api, origin, id) api, origin, id, '{}'::jsonb, to_timestamp(ts),
-               to_timestamp(received_at)
+               to_timestamp(received_at), cid
         FROM live ORDER BY api, origin, id
         ON CONFLICT (api, origin, id) DO NOTHING
     )
-    INSERT INTO object_properties AS p (api, origin, id, path, value, ts, received_at)
-    SELECT api, origin, id, path, value::jsonb, to_timestamp(ts), to_timestamp(received_at)
+    INSERT INTO object_properties AS p (api, origin, id, path, value, ts, received_at, cid)
+    SELECT api, origin, id, path, value::jsonb, to_timestamp(ts), to_timestamp(received_at), cid
     FROM live
     ON CONFLICT (api, origin, id, path) DO UPDATE
-    SET value = EXCLUDED.value, ts = EXCLUDED.ts, received_at = EXCLUDED.received_at
+    SET value = EXCLUDED.value, ts = EXCLUDED.ts, received_at = EXCLUDED.received_at,
+        cid = EXCLUDED.cid
     WHERE p.ts <= EXCLUDED.ts
     """
 )
@@ -362,14 +364,14 @@ STATEMENTS: dict[str, TextClause] = {
     "dead_letters.append": text(
         """
         INSERT INTO dead_letters (topic, payload, payload_size, properties, reason, detail,
-                                  received_at)
+                                  received_at, cid)
         SELECT u.topic, u.payload, u.payload_size, u.properties::jsonb, u.reason, u.detail,
-               to_timestamp(u.received_at)
+               to_timestamp(u.received_at), u.cid
         FROM unnest(CAST(:topic AS text[]), CAST(:payload AS bytea[]),
                     CAST(:payload_size AS int[]), CAST(:properties AS text[]),
                     CAST(:reason AS text[]), CAST(:detail AS text[]),
-                    CAST(:received_at AS float8[]))
-             AS u(topic, payload, payload_size, properties, reason, detail, received_at)
+                    CAST(:received_at AS float8[]), CAST(:cid AS bigint[]))
+             AS u(topic, payload, payload_size, properties, reason, detail, received_at, cid)
         """
     ),
 }
@@ -410,5 +412,6 @@ def dead_letter_params(letters: Sequence[DeadLetter], max_payload_bytes: int) ->
         "reason": lambda d: str(d.rejection.reason),
         "detail": lambda d: _no_nul(d.rejection.detail),
         "received_at": lambda d: d.message.received_at,
+        "cid": lambda d: d.rejection.cid,
     }
     return {name: [get(d) for d in letters] for name, get in getters.items()}

@@ -130,6 +130,7 @@ def decode(
     """
     levels = msg.topic.split("/")
     family = Family.UNKNOWN
+    cid = _lenient_cid(msg, default_cid)
     try:
         for route in ROUTES.get((levels[0], levels[1]) if len(levels) > 1 else ("", ""), ()):
             fields = route.match(levels)
@@ -142,8 +143,16 @@ def decode(
                     f"payload of {len(msg.payload)} bytes exceeds the {max_payload_bytes} limit",
                 )
             return route.build(fields, msg, message_cid(msg, default_cid))
-        return Rejection(Reason.UNKNOWN_TOPIC, "topic matches no flespi topic family")
+        return Rejection(Reason.UNKNOWN_TOPIC, "topic matches no flespi topic family", cid=cid)
     except Invalid as rejection:
-        return Rejection(rejection.reason, rejection.detail, family)
+        return Rejection(rejection.reason, rejection.detail, family, cid)
     except Exception as exc:  # a decoder bug must cost one message, never the stream
-        return Rejection(Reason.WRONG_SHAPE, f"could not decode: {type(exc).__name__}", family)
+        return Rejection(Reason.WRONG_SHAPE, f"could not decode: {type(exc).__name__}", family, cid)
+
+
+def _lenient_cid(msg: Inbound, default_cid: int | None) -> int | None:
+    """The account of a message that may be refused: a bad ``cid`` property counts as none."""
+    try:
+        return message_cid(msg, default_cid)
+    except Invalid:
+        return default_cid

@@ -82,3 +82,42 @@ async def test_two_mirrors_share_a_database_in_separate_schemas(database, schema
         assert await relations(engine, schema_name) >= TABLES
     finally:
         await engine.dispose()
+
+
+FILLED_AT_0001 = [
+    "INSERT INTO telemetry VALUES (5, 'position.latitude', '54.7', now(), now()),"
+    " (5, 'position.longitude', '25.3', now(), now())",
+    "INSERT INTO device_settings VALUES (5, 'report', '{\"interval\": 30}', now(), now())",
+    "INSERT INTO plugin_device_configs VALUES (7, 5, '{}', now(), now())",
+    "INSERT INTO objects VALUES ('gw', 'devices', 5, '{\"name\": \"a\"}', '{\"name\": \"a\"}',"
+    " now(), now(), now())",
+    "INSERT INTO object_properties VALUES ('gw', 'devices', 5, '{connected}', 'true',"
+    " now(), now())",
+    "INSERT INTO intervals VALUES (9, 5, 'id:1', 1, now(), now(), 60, 'created', '{}',"
+    " now(), now())",
+    "INSERT INTO device_messages VALUES (5, now(), '\\x00', now(), 'i', '{}', now())",
+    "INSERT INTO channel_messages VALUES (4, 'i', now(), '\\x00', now(), '{}', now())",
+    "INSERT INTO modem_messages VALUES (2, '370', now(), '\\x00', '{}', now())",
+    "INSERT INTO dead_letters (topic, payload, payload_size, properties, reason, detail,"
+    " received_at) VALUES ('x', '', 0, '{}', 'unknown_topic', 'd', now())",
+]
+
+
+async def test_upgrading_a_filled_0001_database_keeps_every_row(database, schema_name):
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name, "0001")
+        async with engine.begin() as conn:
+            for statement in FILLED_AT_0001:
+                await conn.exec_driver_sql(statement)
+        await migrate(engine, schema_name)
+        for table in sorted(TABLES):
+            rows = await query(engine, f"SELECT count(*), count(cid) FROM {table}")
+            expected = 2 if table == "telemetry" else 1
+            assert rows == [(expected, 0)], table
+        assert await query(engine, "SELECT device_id, name, cid FROM devices") == [(5, "a", None)]
+        assert await query(engine, "SELECT device_id, latitude FROM device_positions") == [
+            (5, 54.7)
+        ]
+    finally:
+        await engine.dispose()

@@ -13,6 +13,7 @@ from mirror.partitions import maintain, prune_tombstones
 from mirror.records import (
     Inbound,
 )
+from mirror.schema import HISTORY_TABLES
 from mirror.store import Store
 from mirror.topics import (
     decode,
@@ -58,7 +59,7 @@ async def engine(database, schema_name):
 
 async def test_partitions_exist_from_yesterday_to_a_week_ahead(engine):
     report = await maintain(engine, today=TODAY, days_ahead=7)
-    assert len(report.created) == 3 * 9
+    assert len(report.created) == len(HISTORY_TABLES) * 9
     await write_messages(Store(engine), TODAY, TODAY + 7 * DAY, TODAY - 1 * DAY)
     assert await homes(engine) == [
         ("device_messages_p20260309", 1),
