@@ -21,6 +21,7 @@ from mirror.payloads import (
     parse_timestamp,
 )
 from mirror.records import (
+    CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,
     Inbound,
@@ -129,13 +130,48 @@ def _interval_key(value: dict[str, Any]) -> tuple[str, int | None, float | None]
     raise Invalid(Reason.WRONG_SHAPE, "an interval needs an 'id' or a 'begin'")
 
 
-def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
-    event: str = f["event"]
+def calculator_device(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    """``flespi/state/gw/calcs/{calc}/devices/{dev}/last|active|synced`` (retained)."""
+    return CalculatorDeviceUpdate(
+        f["calc_id"], f["device_id"], f["field"], _state_value(msg), _ts(msg), msg.received_at, cid
+    )
+
+
+# Activation events describe the calculator's state for the device, not an interval: they set
+# calculator_devices.active and leave the interval rows alone. Their payloads are UNCONFIRMED:
+# we take ``activated`` (and the documented ``active``) to carry the active interval, and
+# ``deactivated`` to mean there is none (JSON null), whatever its payload.
+_ACTIVATION_EVENTS = frozenset({"activated", "active", "deactivated"})
+
+
+def _interval_payload(event: str, msg: Inbound) -> tuple[str, dict[str, Any]]:
     if not msg.payload:
         raise Invalid(Reason.EMPTY_PAYLOAD, f"interval {event} event without a payload")
     text, value = parse_json(msg.payload)
     if not isinstance(value, dict):
         raise Invalid(Reason.WRONG_SHAPE, "an interval payload must be a JSON object")
+    return text, value
+
+
+def _activation(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    event: str = f["event"]
+    fallback = msg.received_at
+    text = "null"
+    if event != "deactivated":
+        text, value = _interval_payload(event, msg)
+        if "timestamp" in value:
+            fallback = checked_timestamp(value["timestamp"], "interval timestamp")
+    ts = parse_timestamp(msg.properties, fallback)
+    return CalculatorDeviceUpdate(
+        f["calc_id"], f["device_id"], "active", text, ts, msg.received_at, cid
+    )
+
+
+def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    event: str = f["event"]
+    if event in _ACTIVATION_EVENTS:
+        return _activation(f, msg, cid)
+    text, value = _interval_payload(event, msg)
     interval_key, raw_id, begin = _interval_key(value)
     if begin is not None:
         checked_timestamp(begin, "interval begin")

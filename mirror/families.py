@@ -21,6 +21,7 @@ from enum import StrEnum
 from mirror import builders
 from mirror.builders import Builder
 from mirror.records import (
+    CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,
     Family,
@@ -199,6 +200,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
             ),
             present="data",
         ),
+    ),
+    FamilySpec(
+        Family.CALCULATOR_DEVICE,
+        CalculatorDeviceUpdate,
+        "calculator_devices",
+        (
+            RouteSpec(
+                "flespi/state/gw/calcs/{calc_id:int}/devices/{device_id:int}"
+                "/{field:last|active|synced}",
+                builders.calculator_device,
+            ),
+        ),
+        CustomWrites("calculator_devices"),
     ),
     FamilySpec(
         Family.DEVICE_MESSAGE,

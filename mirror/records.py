@@ -42,6 +42,9 @@ class Family(StrEnum):
     DEVICE_MESSAGE = "device_message"
     CHANNEL_MESSAGE = "channel_message"
     MODEM_MESSAGE = "modem_message"
+    CALCULATOR_DEVICE = "calculator_device"
+    PLATFORM_LOG = "platform_log"
+    OTHER_MESSAGE = "other_message"
     UNKNOWN = "unknown"
 
 
@@ -174,6 +177,28 @@ class IntervalEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class CalculatorDeviceUpdate:
+    """One field (``last``, ``active`` or ``synced``) of a calculator's state for a device.
+
+    ``value`` is JSON text (``active`` may be JSON ``null``: no active interval) or None when
+    the field was cleared. Activation events of intervals land here too (``active``).
+    """
+
+    calc_id: int
+    device_id: int
+    field: str
+    value: str | None
+    ts: float
+    received_at: float
+    cid: int | None = None
+    family = Family.CALCULATOR_DEVICE
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("calculator_devices", self.calc_id, self.device_id, self.field)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceMessage:
     device_id: int
     ts: float
@@ -238,6 +263,7 @@ StateRecord: TypeAlias = (
     | ObjectUpdate
     | ObjectPropertyUpdate
     | IntervalEvent
+    | CalculatorDeviceUpdate
 )
 HistoryRecord: TypeAlias = DeviceMessage | ChannelMessage | ModemMessage
 Record: TypeAlias = StateRecord | HistoryRecord

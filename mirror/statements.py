@@ -190,6 +190,72 @@ def _object_properties_ops(plan: WritePlan) -> list[Operation]:
     return ops
 
 
+# ---------------------------------------------------------------------------------------------
+# Calculator device state: one row per (calc, device), each field guarded by its own time
+
+
+CALCULATOR_FIELDS = ("last", "active", "synced")
+_CALCULATOR_COLUMNS = (
+    Col("calc_id", Kind.ID),
+    Col("device_id", Kind.ID),
+    Col("field", Kind.TEXT),
+    Col("value", Kind.TEXT),
+    _CID,
+    _TS,
+    _RECEIVED,
+)
+
+
+def _field_is_newer(f: str) -> str:
+    """The incoming field wins: newer, or as new and (a clearing, or the greater value)."""
+    return (
+        f"EXCLUDED.{f}_ts IS NOT NULL AND (cur.{f}_ts IS NULL OR cur.{f}_ts < EXCLUDED.{f}_ts"
+        f" OR (cur.{f}_ts = EXCLUDED.{f}_ts AND (EXCLUDED.{f} IS NULL"
+        f" OR (cur.{f} IS NOT NULL AND cur.{f} <= EXCLUDED.{f}))))"
+    )
+
+
+def _calculator_upsert() -> TextClause:
+    pivot = ",\n".join(
+        f"(array_agg(value) FILTER (WHERE field = '{f}'))[1] AS {f}, "
+        f"max(ts) FILTER (WHERE field = '{f}') AS {f}_ts"
+        for f in CALCULATOR_FIELDS
+    )
+    sets = ",\n".join(
+        f"{f} = CASE WHEN {_field_is_newer(f)} THEN EXCLUDED.{f} ELSE cur.{f} END, "
+        f"{f}_ts = CASE WHEN {_field_is_newer(f)} THEN EXCLUDED.{f}_ts ELSE cur.{f}_ts END"
+        for f in CALCULATOR_FIELDS
+    )
+    columns = ", ".join(f"{f}, {f}_ts" for f in CALCULATOR_FIELDS)
+    return text(
+        f"""
+        WITH w AS (
+            SELECT DISTINCT ON (u.calc_id, u.device_id, u.field)
+                   u.calc_id, u.device_id, u.field, u.value::jsonb AS value, u.cid,
+                   to_timestamp(u.ts) AS ts, to_timestamp(u.received_at) AS received_at
+            FROM {_unnest(_CALCULATOR_COLUMNS)}
+            ORDER BY u.calc_id, u.device_id, u.field, to_timestamp(u.ts) DESC,
+                     u.value IS NULL DESC, u.value::jsonb DESC
+        )
+        INSERT INTO calculator_devices AS cur (calc_id, device_id, cid, {columns}, ts,
+                                               received_at)
+        SELECT calc_id, device_id, max(cid), {pivot}, max(ts), max(received_at)
+        FROM w GROUP BY calc_id, device_id
+        ON CONFLICT (calc_id, device_id) DO UPDATE SET {sets},
+            ts = greatest(cur.ts, EXCLUDED.ts),
+            received_at = greatest(cur.received_at, EXCLUDED.received_at),
+            cid = coalesce(EXCLUDED.cid, cur.cid)
+        """
+    )
+
+
+def _calculator_ops(plan: WritePlan) -> list[Operation]:
+    rows = plan.rows("calculator_devices")
+    if not rows:
+        return []
+    return [("calculator_devices", "upsert", _columns(rows, _CALCULATOR_COLUMNS))]
+
+
 @dataclass(frozen=True)
 class Custom:
     statements: dict[str, TextClause]
@@ -330,6 +396,9 @@ _OBJECTS_MERGE = text(
 
 
 CUSTOM: dict[str, Custom] = {
+    "calculator_devices": Custom(
+        {"calculator_devices.upsert": _calculator_upsert()}, _calculator_ops
+    ),
     "objects": Custom(
         {"objects.delete": _OBJECTS_DELETE, "objects.upsert": _OBJECTS_UPSERT},
         _objects_ops,

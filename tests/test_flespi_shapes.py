@@ -8,7 +8,7 @@ import pytest
 
 from mirror.records import Inbound
 from mirror.topics import decode
-from tests.helpers import Publisher, query, running_mirror, settings_for, settle
+from tests.helpers import Publisher, publisher, query, running_mirror, settings_for, settle
 
 TS = 1_731_990_000.0
 
@@ -50,3 +50,42 @@ async def test_every_table_records_the_account_of_each_message(broker, settings)
             assert await query(engine, f"SELECT DISTINCT cid FROM {table}") == [(200,)], table
         assert await query(engine, "SELECT device_id, cid FROM devices") == [(2, 200)]
         assert await query(engine, "SELECT cid FROM dead_letters") == [(200,)]
+
+
+CALC_DEVICE = "flespi/state/gw/calcs/9/devices/{device}/{field}"
+
+
+async def test_calculator_device_state_has_its_own_row_per_device(broker, settings):
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            for device in (1, 2):
+                last = {"begin": TS - 60, "end": TS, "timestamp": TS}
+                pub.publish(CALC_DEVICE.format(device=device, field="last"), last, TS, retain=True)
+                pub.publish(CALC_DEVICE.format(device=device, field="synced"), True, TS)
+            pub.publish(CALC_DEVICE.format(device=1, field="active"), None, TS, retain=True)
+            pub.publish(CALC_DEVICE.format(device=2, field="synced"), False, TS - 10)  # older
+            pub.publish(CALC_DEVICE.format(device=2, field="last"), b"", TS + 1)  # cleared
+        await settle(running)
+        assert await query(
+            running.engine,
+            "SELECT device_id, last->>'end', active::text, synced::text, cid"
+            " FROM calculator_devices ORDER BY device_id",
+        ) == [(1, str(TS), "null", "true", 123), (2, None, None, "true", 123)]
+        assert await query(running.engine, "SELECT count(*) FROM objects") == [(0,)]
+
+
+async def test_activation_events_set_the_active_state_not_the_interval(broker, settings):
+    interval = "flespi/interval/gw/calcs/9/devices/1/{event}"
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            pub.publish(interval.format(event="created"), {"id": 5, "begin": TS}, TS)
+            pub.publish(interval.format(event="activated"), {"id": 5, "begin": TS}, TS + 1)
+        await settle(running)
+        engine = running.engine
+        assert await query(engine, "SELECT event FROM intervals") == [("created",)]
+        assert await query(engine, "SELECT active->>'id' FROM calculator_devices") == [("5",)]
+        with publisher(broker.url) as pub:
+            pub.publish(interval.format(event="deactivated"), {}, TS + 2)
+        await settle(running)
+        assert await query(engine, "SELECT active::text FROM calculator_devices") == [("null",)]
+        assert await query(engine, "SELECT event FROM intervals") == [("created",)]

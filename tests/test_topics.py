@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirror.records import (
+    CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,
     Family,
@@ -100,9 +101,23 @@ DECODED = [
     ),
     (
         msg("flespi/state/gw/calcs/3/devices/5/synced", b"true"),
-        ObjectPropertyUpdate(
-            "gw", "calcs", 3, ("devices", "5", "synced"), "true", 1731999999.25, NOW
-        ),
+        CalculatorDeviceUpdate(3, 5, "synced", "true", 1731999999.25, NOW),
+    ),
+    (
+        msg("flespi/state/gw/calcs/3/devices/5/active", b"null"),
+        CalculatorDeviceUpdate(3, 5, "active", "null", 1731999999.25, NOW),
+    ),
+    (
+        msg("flespi/state/gw/calcs/3/devices/5/last", b""),
+        CalculatorDeviceUpdate(3, 5, "last", None, 1731999999.25, NOW),
+    ),
+    (
+        msg("flespi/interval/gw/calcs/3/devices/5/activated", b'{"begin": 1731990000}'),
+        CalculatorDeviceUpdate(3, 5, "active", '{"begin": 1731990000}', 1731999999.25, NOW),
+    ),
+    (
+        msg("flespi/interval/gw/calcs/3/devices/5/deactivated", b"{}"),
+        CalculatorDeviceUpdate(3, 5, "active", "null", 1731999999.25, NOW),
     ),
     (
         msg("flespi/state/platform/customer/counters/devices", b"12", cid="777"),
