@@ -281,7 +281,7 @@ class Store:
         result = WriteResult()
         for table, op, params in plan_operations(plan):
             cursor = await conn.execute(STATEMENTS[f"{table}.{op}"], params)
-            if op == "merge":
+            if op.startswith("merge"):  # props brought up to date: not rows written
                 continue
             count = len(next(iter(params.values())))
             affected = max(cursor.rowcount, 0)

@@ -89,3 +89,51 @@ async def test_activation_events_set_the_active_state_not_the_interval(broker, s
         await settle(running)
         assert await query(engine, "SELECT active::text FROM calculator_devices") == [("null",)]
         assert await query(engine, "SELECT event FROM intervals") == [("created",)]
+
+
+async def test_one_property_update_patches_props_and_a_later_deletion_removes_it(broker, settings):
+    device = "flespi/state/gw/devices/3"
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            pub.publish(device, {"id": 3, "name": "a", "connected": False}, TS, retain=True)
+            for conn in range(50):
+                pub.publish(f"{device}/connections/{conn}", {"ident": "x"}, TS + 1, retain=True)
+        await settle(running)
+        with publisher(broker.url) as pub:
+            pub.publish(f"{device}/connected", True, TS + 2, retain=True)
+            pub.publish(f"{device}/connections/7", b"", TS + 2, retain=True)
+            pub.publish(f"{device}/name", b"", TS + 2, retain=True)  # issue 9 item 4
+        await settle(running)
+        engine = running.engine
+        props = await query(
+            engine,
+            "SELECT props->'connected', props ? 'name', props->'connections' ? '7',"
+            " jsonb_array_length(jsonb_path_query_array(props->'connections', '$.keyvalue()'))"
+            " FROM objects",
+        )
+        assert props == [(True, False, False, 49)]
+        assert await query(engine, "SELECT name, connected FROM devices") == [(None, True)]
+
+
+async def test_a_deleted_device_leaves_the_views_with_its_state(broker, settings):
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            for device in (1, 2):
+                base = f"flespi/state/gw/devices/{device}"
+                pub.publish(base, {"id": device, "name": f"d{device}"}, TS, retain=True)
+                pub.publish(f"{base}/telemetry/position.latitude", 54.0, TS, retain=True)
+                pub.publish(f"{base}/telemetry/position.longitude", 25.0, TS, retain=True)
+                pub.publish(f"{base}/settings/report", {"interval": 5}, TS, retain=True)
+                pub.publish(f"flespi/message/gw/devices/{device}", {"timestamp": TS}, TS)
+            pub.publish("flespi/state/gw/devices/1", b"", TS + 5, retain=True)
+            pub.publish("flespi/state/gw/devices/1/connected", True, TS + 6, retain=True)
+        await settle(running)
+        engine = running.engine
+        assert await query(engine, "SELECT device_id FROM devices") == [(2,)]
+        assert await query(engine, "SELECT device_id FROM device_positions") == [(2,)]
+        assert await query(engine, "SELECT DISTINCT device_id FROM telemetry") == [(2,)]
+        assert await query(engine, "SELECT device_id FROM device_settings") == [(2,)]
+        assert await query(engine, "SELECT device_id FROM device_messages ORDER BY 1") == [
+            (1,),
+            (2,),
+        ]
