@@ -29,6 +29,8 @@ from mirror.records import (
     ModemMessage,
     ObjectPropertyUpdate,
     ObjectUpdate,
+    OtherMessage,
+    PlatformLog,
     PluginConfigUpdate,
     Reason,
     Record,
@@ -244,4 +246,44 @@ def modem_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
     text, _value, ts, _server_ts = _message_fields(msg)
     return ModemMessage(
         f["modem_id"], f["phone"], ts, text, digest(msg.payload), msg.received_at, cid
+    )
+
+
+def _record_time(value: Any, msg: Inbound) -> float:
+    """A record's own ``timestamp`` when it is a JSON object with one, else the property's."""
+    if isinstance(value, dict) and value.get("timestamp") is not None:
+        return checked_timestamp(value["timestamp"], "payload timestamp")
+    return _ts(msg)
+
+
+def platform_log(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    """``flespi/log/{api}/{origin...}/{event}``: the last level is the event type."""
+    if not msg.payload:
+        raise Invalid(Reason.EMPTY_PAYLOAD, "a log topic carried an empty payload")
+    text, value = parse_json(msg.payload)
+    if not isinstance(value, dict):
+        raise Invalid(Reason.WRONG_SHAPE, "a log record must be a JSON object")
+    levels: tuple[str, ...] = (f["origin"], *f["rest"])
+    code = value.get("event_code")
+    if isinstance(code, bool) or not isinstance(code, int) or abs(code) > MAX_ID:
+        code = None  # an event code we cannot read stays in the payload
+    return PlatformLog(
+        f["api"],
+        "/".join(levels[:-1]),
+        levels[-1],
+        _record_time(value, msg),
+        code,
+        text,
+        digest(msg.payload),
+        msg.received_at,
+        cid,
+    )
+
+
+def other_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    if not msg.payload:
+        raise Invalid(Reason.EMPTY_PAYLOAD, "a message topic carried an empty payload")
+    text, value = parse_json(msg.payload)
+    return OtherMessage(
+        msg.topic, _record_time(value, msg), text, digest(msg.payload), msg.received_at, cid
     )

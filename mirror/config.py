@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
+LOG_TOPIC = "flespi/log/#"  # platform logs: subscribed with --logs
 DEFAULT_SCHEMA = "flespi"
 FLESPI_HOST_SUFFIX = "flespi.io"
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -137,6 +138,7 @@ class Settings:
     database_url: Secret | None = None
     client_id: str | None = None
     topics: tuple[str, ...] = DEFAULT_TOPICS
+    logs: bool = False  # also subscribe to LOG_TOPIC
     schema: str = DEFAULT_SCHEMA
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9465
@@ -249,17 +251,26 @@ class Settings:
             )
 
     @property
+    def filters(self) -> tuple[str, ...]:
+        """--topic filters, plus the platform logs' with --logs."""
+        if self.logs and LOG_TOPIC not in self.topics:
+            return (*self.topics, LOG_TOPIC)
+        return self.topics
+
+    @property
     def subscriptions(self) -> tuple[str, ...]:
         """The filters as subscribed: in a shared subscription group when one is set."""
         if not self.share_group:
-            return self.topics
-        return tuple(f"$share/{self.share_group}/{topic}" for topic in self.topics)
+            return self.filters
+        return tuple(f"$share/{self.share_group}/{topic}" for topic in self.filters)
 
     @property
     def snapshot_topics(self) -> tuple[str, ...]:
         """Filters that can carry retained state (what a snapshot must subscribe to)."""
         return tuple(
-            t for t in self.topics if not t.startswith(("flespi/message/", "flespi/interval/"))
+            t
+            for t in self.topics
+            if not t.startswith(("flespi/message/", "flespi/interval/", "flespi/log/"))
         )
 
     @property

@@ -29,6 +29,8 @@ from mirror.records import (
     ModemMessage,
     ObjectPropertyUpdate,
     ObjectUpdate,
+    OtherMessage,
+    PlatformLog,
     PluginConfigUpdate,
     Record,
     SettingUpdate,
@@ -270,6 +272,35 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 _RECEIVED,
                 _CID,
             )
+        ),
+    ),
+    FamilySpec(
+        Family.PLATFORM_LOG,
+        PlatformLog,
+        "platform_logs",
+        (RouteSpec("flespi/log/{api}/{origin}/{rest*}", builders.platform_log),),
+        AppendWrites(
+            (
+                Col("api", Kind.TEXT),
+                Col("origin", Kind.TEXT),
+                Col("event_type", Kind.TEXT),
+                *_MESSAGE_TAIL,
+                Col("event_code", Kind.ID),
+                Col("payload", Kind.JSON),
+                _RECEIVED,
+                _CID,
+            )
+        ),
+    ),
+    FamilySpec(
+        Family.OTHER_MESSAGE,
+        OtherMessage,
+        "other_messages",
+        # Chats, containers, abques...: whatever flespi/message/ holds that no route above
+        # models (the least specific pattern, so it never shadows one).
+        (RouteSpec("flespi/message/{category}/{rest*}", builders.other_message),),
+        AppendWrites(
+            (Col("topic", Kind.TEXT), *_MESSAGE_TAIL, Col("payload", Kind.JSON), _RECEIVED, _CID)
         ),
     ),
 )

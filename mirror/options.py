@@ -250,6 +250,11 @@ OPTIONS: tuple[Option, ...] = (
         flag="--topic",
         metavar="FILTER",
     ),
+    Option(
+        "logs",
+        "Also mirror flespi's platform logs (flespi/log/#) into platform_logs.",
+        kind="switch",
+    ),
     Option("metrics_host", "Address of the HTTP listener (/metrics, /healthz, /readyz)."),
     Option("metrics_port", "Port of that listener (0: any free port).", parse=integer),
     Option(

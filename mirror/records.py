@@ -249,6 +249,45 @@ class ModemMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class PlatformLog:
+    """A record of ``flespi/log/{api}/{origin...}/{event_type}``; ``origin`` is the levels
+    between the API and the event, joined with ``/`` (``devices/5/commands-queue/1``)."""
+
+    api: str
+    origin: str
+    event_type: str
+    ts: float
+    event_code: int | None
+    payload: str
+    digest: bytes
+    received_at: float
+    cid: int | None = None
+    family = Family.PLATFORM_LOG
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("platform_logs", self.api, self.origin, self.event_type, self.ts, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class OtherMessage:
+    """A ``flespi/message/...`` publication of a family not modelled yet (chats, containers,
+    abques): kept whole under its topic rather than dead-lettered."""
+
+    topic: str
+    ts: float
+    payload: str
+    digest: bytes
+    received_at: float
+    cid: int | None = None
+    family = Family.OTHER_MESSAGE
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("other_messages", self.topic, self.ts, self.digest)
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     reason: Reason
     detail: str
@@ -265,5 +304,7 @@ StateRecord: TypeAlias = (
     | IntervalEvent
     | CalculatorDeviceUpdate
 )
-HistoryRecord: TypeAlias = DeviceMessage | ChannelMessage | ModemMessage
+HistoryRecord: TypeAlias = (
+    DeviceMessage | ChannelMessage | ModemMessage | PlatformLog | OtherMessage
+)
 Record: TypeAlias = StateRecord | HistoryRecord

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.records import Inbound
+from mirror.records import Inbound, PlatformLog
 from mirror.topics import decode
 from tests.helpers import Publisher, publisher, query, running_mirror, settings_for, settle
 
@@ -137,3 +137,57 @@ async def test_a_deleted_device_leaves_the_views_with_its_state(broker, settings
             (1,),
             (2,),
         ]
+
+
+def test_log_topics_split_api_origin_and_event():
+    record = decode(
+        Inbound(
+            "flespi/log/gw/devices/5/commands-queue/7/executed",
+            b'{"timestamp": 1731990000.5, "event_code": 306, "origin_type": 11}',
+            {"cid": "9"},
+            TS,
+        )
+    )
+    assert isinstance(record, PlatformLog)
+    assert (record.api, record.origin, record.event_type, record.ts, record.event_code) == (
+        "gw",
+        "devices/5/commands-queue/7",
+        "executed",
+        1731990000.5,
+        306,
+    )
+
+
+async def test_platform_logs_and_other_messages_are_stored_once_not_dead_lettered(
+    broker, database, schema_name
+):
+    settings = settings_for(
+        broker.url,
+        database.url,
+        schema_name,
+        topics=("flespi/message/#", "flespi/log/#"),
+    )
+    log_record = {"timestamp": TS, "event_code": 1, "origin_type": 11, "new": {"id": 5}}
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            for _ in range(2):  # a redelivery is stored once
+                pub.publish("flespi/log/gw/devices/5/created", log_record, TS)
+            pub.publish("flespi/log/platform/customer/logged_in", {"timestamp": TS + 1}, TS)
+            pub.publish("flespi/message/gw/chats/3", {"text": "hi", "timestamp": TS}, TS)
+            pub.publish("flespi/message/storage/abques/4/q", [1, 2], TS + 2)
+        await settle(running)
+        engine = running.engine
+        assert await query(
+            engine, "SELECT api, origin, event_type, event_code, cid FROM platform_logs ORDER BY ts"
+        ) == [
+            ("gw", "devices/5", "created", 1, 123),
+            ("platform", "customer", "logged_in", None, 123),
+        ]
+        assert await query(
+            engine,
+            "SELECT topic, extract(epoch FROM ts), payload::text FROM other_messages ORDER BY ts",
+        ) == [
+            ("flespi/message/gw/chats/3", TS, '{"text": "hi", "timestamp": 1731990000.0}'),
+            ("flespi/message/storage/abques/4/q", TS + 2, "[1, 2]"),
+        ]
+        assert await query(engine, "SELECT count(*) FROM dead_letters") == [(0,)]

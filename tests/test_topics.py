@@ -197,7 +197,10 @@ def test_same_payload_same_identity_different_payload_different_identity():
 
 
 REJECTED = [
-    ("flespi/log/gw/devices/created", b"{}", Reason.UNKNOWN_TOPIC),
+    ("flespi/log/gw/devices/created", b"[1]", Reason.WRONG_SHAPE),
+    ("flespi/log/gw/devices/created", b"", Reason.EMPTY_PAYLOAD),
+    ("flespi/message/gw/chats/1", b"", Reason.EMPTY_PAYLOAD),
+    ("flespi/elsewhere/gw/devices/1", b"{}", Reason.UNKNOWN_TOPIC),
     ("something/else", b"1", Reason.UNKNOWN_TOPIC),
     ("flespi/state/gw/devices/abc/telemetry/x", b"1", Reason.INVALID_ID),
     ("flespi/state/gw/devices/-1/telemetry/x", b"1", Reason.INVALID_ID),
