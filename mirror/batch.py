@@ -1,9 +1,13 @@
 """Coalesce a batch of decoded records into the writes one transaction will make.
 
-Pure. Per key the newest record wins (by ``ts``; on a tie the one that arrived last), so one
-multi-row upsert never holds a key twice (PostgreSQL refuses ``ON CONFLICT DO UPDATE`` that
-touches a row twice). Keys are sorted so concurrent writers lock rows in the same order and
-cannot deadlock. History messages are deduplicated by their identity.
+Pure. Per key the newest record wins. Times are compared at the microsecond, as PostgreSQL
+stores them (``ts_micros``), so a tie here is a tie in the database. Ties are deterministic,
+whatever order records arrive in (a redelivery, two share-group members): a deletion wins;
+between updates the greatest value (jsonb ordering) wins. Python cannot order jsonb, so tied
+updates all stay in the plan and the statement picks one (``DISTINCT ON``, see
+statements.py); the same rule guards the row already stored. Keys are sorted so concurrent
+writers lock rows in the same order and cannot deadlock. History messages are deduplicated
+by their identity.
 """
 
 from __future__ import annotations
@@ -54,10 +58,37 @@ class WritePlan:
         return [r for rows in self.tables.values() for r in rows]
 
 
+def ts_micros(ts: float) -> int:
+    """A Unix time as PostgreSQL's ``to_timestamp()`` stores it: whole microseconds since 2000,
+    rounded half to even (the same float operations as its ``float8_timestamptz``)."""
+    return round((ts - _POSTGRES_EPOCH) * 1_000_000)
+
+
+_POSTGRES_EPOCH = 946_684_800.0
+
+
+def _value(record: Record) -> Any:
+    return getattr(record, record.value_field)  # type: ignore[union-attr]
+
+
+def _merge_tied(kept: list[Record], record: Record) -> list[Record]:
+    """Records of one key with the same time: a deletion beats updates; updates stay all
+    (distinct values), for the statement to choose among."""
+    value = _value(record)
+    current = _value(kept[0])
+    if current is None:
+        return kept  # a deletion already won
+    if value is None:
+        return [record]
+    if any(_value(r) == value for r in kept):
+        return kept
+    return [*kept, record]
+
+
 def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan:
     """Build the write plan for records given in arrival order."""
     plan = WritePlan()
-    newest: dict[tuple[Any, ...], tuple[Record, Inbound]] = {}
+    newest: dict[tuple[Any, ...], tuple[int, list[Record], list[Inbound]]] = {}
     seen = 0
     for message, record in decoded:
         if isinstance(record, Rejection):
@@ -65,17 +96,21 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
             continue
         seen += 1
         key = record.key
+        micros = ts_micros(record.ts)
         current = newest.get(key)
-        if current is None:
-            newest[key] = (record, message)
-        elif isinstance(record, _HISTORY):
-            continue  # the same message again (a redelivery): keep the first copy
-        elif record.ts >= current[0].ts:
-            newest[key] = (record, message)  # newer, or as new and arrived later
-    plan.superseded = seen - len(newest)
+        if current is None or (micros > current[0] and not isinstance(record, _HISTORY)):
+            newest[key] = (micros, [record], [message])
+        elif micros == current[0] and not isinstance(record, _HISTORY):
+            kept = _merge_tied(current[1], record)
+            if kept is not current[1]:
+                messages = [message] if kept == [record] else [*current[2], message]
+                newest[key] = (micros, kept, messages)
+    kept_count = sum(len(records) for _, records, _ in newest.values())
+    plan.superseded = seen - kept_count
     # Keys start with their table name; within a table they share one shape, so they compare.
     for key in sorted(newest):
-        record, message = newest[key]
-        plan.add(record)
-        plan.origins[id(record)] = message
+        _, records, messages = newest[key]
+        for record, message in zip(records, messages, strict=True):
+            plan.add(record)
+            plan.origins[id(record)] = message
     return plan

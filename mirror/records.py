@@ -69,6 +69,7 @@ class TelemetryUpdate:
     received_at: float
     cid: int | None = None
     family = Family.TELEMETRY
+    value_field = "value"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -91,6 +92,7 @@ class SettingUpdate:
     received_at: float
     cid: int | None = None
     family = Family.SETTING
+    value_field = "value"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -106,6 +108,7 @@ class PluginConfigUpdate:
     received_at: float
     cid: int | None = None
     family = Family.PLUGIN_CONFIG
+    value_field = "config"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -124,6 +127,7 @@ class ObjectUpdate:
     received_at: float
     cid: int | None = None
     family = Family.OBJECT
+    value_field = "props"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -143,6 +147,7 @@ class ObjectPropertyUpdate:
     received_at: float
     cid: int | None = None
     family = Family.OBJECT_PROPERTY
+    value_field = "value"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -170,6 +175,7 @@ class IntervalEvent:
     received_at: float
     cid: int | None = None
     family = Family.INTERVAL
+    value_field = "data"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -192,6 +198,7 @@ class CalculatorDeviceUpdate:
     received_at: float
     cid: int | None = None
     family = Family.CALCULATOR_DEVICE
+    value_field = "value"  # None in it: a deletion
 
     @property
     def key(self) -> tuple[Any, ...]:

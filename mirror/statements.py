@@ -1,12 +1,14 @@
 """The SQL a write plan needs: fixed statement text, and the plan turned into bound arrays.
 
 One multi-row statement per table and operation (``INSERT … SELECT FROM unnest(…)``), with the
-newest-wins guard in SQL (``WHERE cur.ts <= EXCLUDED.ts``) and tombstones so that a deletion is
-not undone by an older update. Most statements are generated from the ``writes`` each family
-declares in ``families.py``; objects and their properties have hand-written ones (registered in
-``CUSTOM``). Statement text is fixed at import: values travel only as bound array parameters,
-never as SQL text. Tables are unqualified; the connection's ``search_path`` selects the mirror's
-schema. Pure: no connection here (``store.py`` executes).
+newest-wins guard in SQL (``WHERE (cur.ts, cur.value) <= (EXCLUDED.ts, EXCLUDED.value)``: at an
+equal time the greater value wins, so ties end the same in any arrival order) and tombstones so
+that a deletion is not undone by an older or equally old update. Most statements are generated
+from the ``writes`` each family declares in ``families.py``; objects, their properties and
+calculator device state have hand-written ones (registered in ``CUSTOM``). Statement text is
+fixed at import: values travel only as bound array parameters, never as SQL text. Tables are
+unqualified; the connection's ``search_path`` selects the mirror's schema. Pure: no connection
+here (``store.py`` executes).
 """
 
 from __future__ import annotations
@@ -73,18 +75,24 @@ def _key_match(keys: Sequence[Col], left: str, right: str) -> str:
 
 
 def state_upsert(table: str, w: StateWrites) -> TextClause:
+    """Newest wins; at an equal time (to the microsecond) the greatest value (jsonb order) of
+    the first of ``values``, in the batch (``DISTINCT ON``) as against the stored row; a
+    deletion of that same time wins over both (``tb.ts >=``)."""
     cols = (*w.keys, *w.values, _TS, _RECEIVED)
     updates = ", ".join(f"{_q(c.name)} = EXCLUDED.{_q(c.name)}" for c in cols[len(w.keys) :])
+    keys = ", ".join(f"u.{_q(c.name)}" for c in w.keys)
+    tie = _q(w.values[0].name)
     return text(
         f"""
         INSERT INTO {table} AS cur ({_names(cols)})
-        SELECT {", ".join(_expr(c) for c in cols)}
+        SELECT DISTINCT ON ({keys}) {", ".join(_expr(c) for c in cols)}
         FROM {_unnest(cols)}
         WHERE NOT EXISTS (
             SELECT 1 FROM {table}_tombstones tb
-            WHERE {_key_match(w.keys, "tb", "u")} AND tb.ts > to_timestamp(u.ts))
+            WHERE {_key_match(w.keys, "tb", "u")} AND tb.ts >= to_timestamp(u.ts))
+        ORDER BY {keys}, to_timestamp(u.ts) DESC, {_expr(w.values[0])} DESC
         ON CONFLICT ({_names(w.keys)}) DO UPDATE SET {updates}
-        WHERE cur.ts <= EXCLUDED.ts
+        WHERE (cur.ts, cur.{tie}) <= (EXCLUDED.ts, EXCLUDED.{tie})
         """
     )
 
@@ -301,7 +309,8 @@ _OBJECTS_DELETE = text(
 _OBJECTS_UPSERT = text(
     """
     INSERT INTO objects AS o (api, origin, id, props, base, base_ts, ts, received_at, cid)
-    SELECT u.api, u.origin, u.id, u.props::jsonb, u.props::jsonb, to_timestamp(u.ts),
+    SELECT DISTINCT ON (u.api, u.origin, u.id)
+           u.api, u.origin, u.id, u.props::jsonb, u.props::jsonb, to_timestamp(u.ts),
            to_timestamp(u.ts), to_timestamp(u.received_at), u.cid
     FROM unnest(CAST(:api AS text[]), CAST(:origin AS text[]), CAST(:id AS bigint[]),
                 CAST(:props AS text[]), CAST(:cid AS bigint[]), CAST(:ts AS float8[]),
@@ -309,11 +318,12 @@ _OBJECTS_UPSERT = text(
     WHERE NOT EXISTS (
         SELECT 1 FROM objects_tombstones tb
         WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
-          AND tb.ts > to_timestamp(u.ts))
+          AND tb.ts >= to_timestamp(u.ts))
+    ORDER BY u.api, u.origin, u.id, to_timestamp(u.ts) DESC, u.props::jsonb DESC
     ON CONFLICT (api, origin, id) DO UPDATE
     SET base = EXCLUDED.base, base_ts = EXCLUDED.base_ts, ts = greatest(o.ts, EXCLUDED.ts),
         received_at = EXCLUDED.received_at, cid = coalesce(EXCLUDED.cid, o.cid)
-    WHERE o.base_ts IS NULL OR o.base_ts <= EXCLUDED.base_ts
+    WHERE o.base_ts IS NULL OR (o.base_ts, o.base) <= (EXCLUDED.base_ts, EXCLUDED.base)
     """
 )
 
@@ -350,15 +360,16 @@ _OBJECT_PROPERTIES_UPSERT = text(
                     CAST(:ts AS float8[]), CAST(:received_at AS float8[]))
              AS x(api, origin, id, path, value, cid, ts, received_at)
     ), live AS (
-        SELECT u.* FROM u
+        SELECT DISTINCT ON (u.api, u.origin, u.id, u.path) u.* FROM u
         WHERE NOT EXISTS (
             SELECT 1 FROM objects_tombstones tb
             WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
-              AND tb.ts > to_timestamp(u.ts))
+              AND tb.ts >= to_timestamp(u.ts))
           AND NOT EXISTS (
             SELECT 1 FROM object_properties_tombstones tb
             WHERE tb.api = u.api AND tb.origin = u.origin AND tb.id = u.id
-              AND tb.path = u.path AND tb.ts > to_timestamp(u.ts))
+              AND tb.path = u.path AND tb.ts >= to_timestamp(u.ts))
+        ORDER BY u.api, u.origin, u.id, u.path, to_timestamp(u.ts) DESC, u.value::jsonb DESC
     ), parents AS (
         INSERT INTO objects (api, origin, id, props, ts, received_at, cid)
         SELECT DISTINCT ON (api, origin, id) api, origin, id, '{}'::jsonb, to_timestamp(ts),
@@ -372,7 +383,7 @@ _OBJECT_PROPERTIES_UPSERT = text(
     ON CONFLICT (api, origin, id, path) DO UPDATE
     SET value = EXCLUDED.value, ts = EXCLUDED.ts, received_at = EXCLUDED.received_at,
         cid = EXCLUDED.cid
-    WHERE p.ts <= EXCLUDED.ts
+    WHERE (p.ts, p.value) <= (EXCLUDED.ts, EXCLUDED.value)
     """
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror.batch import coalesce
+from mirror.batch import coalesce, ts_micros
 from mirror.records import (
     Inbound,
     Reason,
@@ -30,9 +30,25 @@ def test_newest_timestamp_wins_whatever_the_arrival_order():
     assert plan.superseded == 2
 
 
-def test_equal_timestamps_keep_the_later_arrival():
-    plan = coalesce([tele(1, "a", "first", 10.0), tele(1, "a", "second", 10.0)])
-    assert [r.value for r in plan.rows("telemetry")] == ["second"]
+def test_equal_timestamps_keep_every_distinct_value_for_the_database_to_order():
+    plan = coalesce([tele(1, "a", "1", 10.0), tele(1, "a", "2", 10.0), tele(1, "a", "1", 10.0)])
+    assert [r.value for r in plan.rows("telemetry")] == ["1", "2"]
+
+
+def test_a_deletion_wins_a_tie_in_any_order():
+    for order in ([("x", 10.0), (None, 10.0)], [(None, 10.0), ("x", 10.0)]):
+        plan = coalesce([tele(1, "a", v, ts) for v, ts in order])
+        assert [r.value for r in plan.rows("telemetry")] == [None]
+
+
+def test_times_tie_at_the_microsecond_postgresql_keeps():
+    # issue 9 item 6: both are 1700000000.000001 in PostgreSQL
+    plan = coalesce(
+        [tele(1, "a", "new", 1_700_000_000.0000011), tele(1, "a", "old", 1_700_000_000.0000009)]
+    )
+    assert sorted(r.value for r in plan.rows("telemetry")) == ["new", "old"]
+    assert ts_micros(1_700_000_000.0000011) == ts_micros(1_700_000_000.0000009)
+    assert ts_micros(1_700_000_000.000001) < ts_micros(1_700_000_000.000002)
 
 
 def test_a_newer_deletion_beats_an_older_update_and_vice_versa():
@@ -62,16 +78,33 @@ def test_rejections_become_dead_letters_in_order():
     assert [d.rejection.detail for d in plan.dead_letters] == ["a", "b"]
 
 
-@given(
-    st.lists(st.tuples(st.integers(1, 4), st.sampled_from("abc"), st.integers(0, 5)), max_size=40)
+UPDATES = st.lists(
+    st.tuples(
+        st.integers(1, 3),
+        st.sampled_from("ab"),
+        st.integers(0, 3),
+        st.sampled_from([None, "1", "2"]),
+    ),
+    max_size=30,
 )
-def test_plan_is_sorted_unique_and_holds_each_keys_newest(updates):
-    items = [tele(d, n, f"{i}", float(ts)) for i, (d, n, ts) in enumerate(updates)]
-    plan = coalesce(items)
-    keys = [(r.device_id, r.name) for r in plan.rows("telemetry")]
-    assert keys == sorted(set(keys))
-    for record in plan.rows("telemetry"):
-        same_key = [r for _, r in items if (r.device_id, r.name) == (record.device_id, record.name)]
-        newest = max(r.ts for r in same_key)
-        assert record.ts == newest
-        assert record is [r for r in same_key if r.ts == newest][-1]
+
+
+@given(UPDATES, st.randoms())
+def test_the_plan_is_the_same_whatever_the_arrival_order(updates, rnd):
+    items = [tele(d, n, v, float(ts)) for d, n, ts, v in updates]
+    shuffled = items[:]
+    rnd.shuffle(shuffled)
+    a, b = coalesce(items), coalesce(shuffled)
+    assert [(r.key, r.value) for r in a.rows("telemetry")] == [
+        (r.key, r.value) for r in b.rows("telemetry")
+    ] or (
+        sorted((r.key, r.value or "") for r in a.rows("telemetry"))
+        == sorted((r.key, r.value or "") for r in b.rows("telemetry"))
+    )
+    keys = [r.key for r in a.rows("telemetry")]
+    assert keys == sorted(keys)
+    for record in a.rows("telemetry"):
+        same_key = [r for _, r in items if r.key == record.key]
+        assert record.ts == max(r.ts for r in same_key)
+        if any(r.value is None and r.ts == record.ts for r in same_key):
+            assert record.value is None

@@ -1,0 +1,114 @@
+"""Ties are deterministic (issue 8 item 8, issue 9 item 6), proven against real PostgreSQL.
+
+Updates of one key, some with equal timestamps (also equal only at PostgreSQL's microsecond),
+some deletions, are written in two different orders and batchings, as a redelivery or two
+share-group members would: the stored row must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirror.batch import coalesce
+from mirror.database import create_engine, migrate
+from mirror.records import Inbound
+from mirror.store import Store
+from mirror.topics import decode
+from tests.helpers import query
+
+# 1700000000.0000011 and .0000009 are one microsecond in PostgreSQL: a tie at its precision.
+TIMES = [1_700_000_000.0000009, 1_700_000_000.0000011, 1_700_000_000.5, 1_700_000_001.0]
+VALUES = [None, 1, 2, "a", {"k": 1}]
+_keys = itertools.count(1)
+
+UPDATES = st.lists(
+    st.tuples(st.sampled_from(TIMES), st.sampled_from(VALUES)), min_size=1, max_size=8
+)
+
+
+def _messages(topic: str, updates: list[tuple[float, object]]) -> list[Inbound]:
+    return [
+        Inbound(topic, b"" if v is None else json.dumps(v).encode(), {"timestamp": repr(ts)}, ts)
+        for ts, v in updates
+    ]
+
+
+async def _write(url: str, schema: str, batches: list[list[Inbound]]) -> None:
+    engine = create_engine(url, schema)
+    try:
+        store = Store(engine)
+        for batch in batches:
+            await store.write(coalesce((m, decode(m)) for m in batch))
+    finally:
+        await engine.dispose()
+
+
+async def _rows(url: str, schema: str, sql: str, key: int) -> list[object]:
+    engine = create_engine(url, schema)
+    try:
+        return [tuple(r) for r in await query(engine, sql, k=key)]
+    finally:
+        await engine.dispose()
+
+
+def _split(messages: list[Inbound], cut: int) -> list[list[Inbound]]:
+    cut = cut % (len(messages) + 1)
+    return [b for b in (messages[:cut], messages[cut:]) if b]
+
+
+@pytest.fixture(scope="module")
+def migrated(database):
+    schema = "t_ties"
+    asyncio.run(_migrate(database.url, schema))
+    return database.url, schema
+
+
+async def _migrate(url: str, schema: str) -> None:
+    engine = create_engine(url, schema)
+    try:
+        await migrate(engine, schema)
+    finally:
+        await engine.dispose()
+
+
+FAMILIES = {
+    "telemetry": (
+        "flespi/state/gw/devices/{k}/telemetry/x",
+        "SELECT value::text, extract(epoch FROM ts) FROM telemetry WHERE device_id = :k",
+    ),
+    "object property": (
+        "flespi/state/gw/devices/{k}/name",
+        "SELECT props::text, value::text FROM objects"
+        " LEFT JOIN object_properties p USING (api, origin, id) WHERE id = :k",
+    ),
+    "calculator device": (
+        "flespi/state/gw/calcs/1/devices/{k}/last",
+        "SELECT last::text, extract(epoch FROM last_ts) FROM calculator_devices"
+        " WHERE device_id = :k",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(updates=UPDATES, order=st.randoms(), cuts=st.tuples(st.integers(0, 8), st.integers(0, 8)))
+def test_equal_timestamps_end_the_same_in_any_order(migrated, family, updates, order, cuts):
+    url, schema = migrated
+    topic, sql = FAMILIES[family]
+    shuffled = updates[:]
+    order.shuffle(shuffled)
+    results = []
+    for sequence, cut in ((updates, cuts[0]), (shuffled, cuts[1])):
+        key = next(_keys)
+        messages = _messages(topic.format(k=key), sequence)
+        asyncio.run(_write(url, schema, _split(messages, cut)))
+        results.append(asyncio.run(_rows(url, schema, sql, key)))
+    assert results[0] == results[1], (updates, shuffled)
