@@ -191,3 +191,12 @@ async def test_platform_logs_and_other_messages_are_stored_once_not_dead_lettere
             ("flespi/message/storage/abques/4/q", TS + 2, "[1, 2]"),
         ]
         assert await query(engine, "SELECT count(*) FROM dead_letters") == [(0,)]
+
+
+def test_the_logs_switch_subscribes_to_platform_logs_but_never_snapshots_them():
+    from mirror.config import Settings
+
+    settings = Settings(logs=True)
+    assert "flespi/log/#" in settings.subscriptions
+    assert "flespi/log/#" not in settings.snapshot_topics
+    assert "flespi/log/#" not in Settings().subscriptions
