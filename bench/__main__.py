@@ -31,6 +31,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "backfill": backfill,
     "isolation": faults.isolation,
     "batch-limits": faults.batch_limits,
+    "object-size": scenarios.object_size,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -154,6 +155,16 @@ def table(results: dict[str, Any]) -> str:
             "1 refused row in 1,000", f"{iso['halving_vs_clean']:.2f} x clean",
             f"{_f(rates['one_in_1000_halving'])} vs {_f(rates['clean'])} rows/s; savepoint per "
             f"row (before) {iso['savepoint_per_row_vs_clean']:.2f} x; target >= 10 x before",
+        ))  # fmt: skip
+    size = results.get("object-size", {})
+    if "props_big_vs_small" in size:
+        sec = size["seconds"]
+        rows.append((
+            f"object size: {size['updates']:,} updates",
+            f"props {size['props_big_vs_small']:.2f} x, calc {size['calc_big_vs_small']:.2f} x",
+            f"big vs small ({sec['props_big']:.1f} vs "
+            f"{sec['props_small']:.1f} s; {sec['calc_big']:.1f} vs {sec['calc_small']:.1f} s); "
+            "target <= 2.5",
         ))  # fmt: skip
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":

@@ -604,3 +604,83 @@ def scale_out(opts: Options) -> dict[str, Any]:
         "two_vs_one": ratio,
         "targets": {"2 workers >= 1.3 x 1": ratio >= 1.3},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost independent of an object's size (issue 8 items 2 and 3): the same number of updates
+# written through the store, spread over many small objects or aimed at one big one.
+
+
+def _state_batches(topics: Sequence[str], updates: int, batch: int, ts: float) -> list[list[Any]]:
+    """``updates`` retained publications cycling over ``topics``, cut into batches."""
+    from mirror.records import Inbound
+
+    messages = [
+        Inbound(
+            topics[i % len(topics)],
+            json.dumps({"n": i}).encode(),
+            {"timestamp": repr(ts + i)},
+            ts + i,
+        )
+        for i in range(updates)
+    ]
+    return [messages[i : i + batch] for i in range(0, len(messages), batch)]
+
+
+async def _timed_writes(
+    url: str, schema: str, prime: list[list[Any]], timed: list[list[Any]]
+) -> float:
+    """Write ``prime`` (untimed: builds the objects), then ``timed``; seconds for ``timed``."""
+    from mirror.batch import coalesce
+    from mirror.database import create_engine, migrate
+    from mirror.store import Store
+    from mirror.topics import decode
+
+    engine = create_engine(url, schema)
+    try:
+        await migrate(engine, schema)
+        store = Store(engine)
+        for batch in prime:
+            await store.write(coalesce((m, decode(m)) for m in batch))
+        started = time.perf_counter()
+        for batch in timed:
+            await store.write(coalesce((m, decode(m)) for m in batch))
+        return time.perf_counter() - started
+    finally:
+        await engine.dispose()
+
+
+def _size_case(url: str, name: str, topics: Sequence[str], updates: int, batch: int) -> float:
+    prime = _state_batches(topics, len(topics), batch, 1_700_000_000.0)
+    timed = _state_batches(topics, updates, batch, 1_700_100_000.0)
+    schema = f"b_{name}_{uuid.uuid4().hex[:6]}"
+    return asyncio.run(_timed_writes(url, schema, prime, timed))
+
+
+def object_size(opts: Options) -> dict[str, Any]:
+    """One property update of an object with 10,000 properties against objects with 10
+    (object properties), and one calculator with 2,000 devices against 200 calculators with
+    10 (calculator device state), for the same number of updates in batches of 500."""
+    updates, batch = 20_000, 500
+    big_object = [f"flespi/state/gw/devices/1/counters/c{i}" for i in range(10_000)]
+    small_objects = [
+        f"flespi/state/gw/devices/{1 + i // 10}/counters/c{i % 10}" for i in range(10_000)
+    ]
+    big_calc = [f"flespi/state/gw/calcs/1/devices/{d}/last" for d in range(2_000)]
+    small_calcs = [f"flespi/state/gw/calcs/{1 + d // 10}/devices/{d}/last" for d in range(2_000)]
+    with services() as s:
+        seconds = {
+            "props_small": _size_case(s.database_url, "ps", small_objects, updates, batch),
+            "props_big": _size_case(s.database_url, "pb", big_object, updates, batch),
+            "calc_small": _size_case(s.database_url, "cs", small_calcs, updates, batch),
+            "calc_big": _size_case(s.database_url, "cb", big_calc, updates, batch),
+        }
+    return {
+        "updates": updates,
+        "batch": batch,
+        "seconds": seconds,
+        "rate": {k: updates / v for k, v in seconds.items()},
+        "props_big_vs_small": seconds["props_big"] / seconds["props_small"],
+        "calc_big_vs_small": seconds["calc_big"] / seconds["calc_small"],
+        "target": "big within 2.5x of small, for the same number of updates",
+    }
