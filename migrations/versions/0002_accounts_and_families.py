@@ -6,7 +6,7 @@ function: rows of a 0001 database stay where they are (tests/test_migrations.py 
 upgrades it). Functions and views are SQL here, frozen with this revision.
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0003
 Create Date: 2026-11-25 19:00:00
 """
 
@@ -19,7 +19,7 @@ from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0002"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -87,7 +87,7 @@ FUNCTIONS = [
     # so one update costs the same for an object with 10 or 10,000 properties (issue 8 item 3).
     # changes: [[path, live, value], ...] in path order; live false removes the path.
     """
-    CREATE FUNCTION object_patch(props jsonb, changes jsonb)
+    CREATE FUNCTION {s}.object_patch(props jsonb, changes jsonb)
     RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
     DECLARE
         result jsonb := props;
@@ -97,7 +97,7 @@ FUNCTIONS = [
         FOR change IN SELECT c FROM jsonb_array_elements(coalesce(changes, '[]'::jsonb)) c LOOP
             path := ARRAY(SELECT jsonb_array_elements_text(change -> 0));
             IF (change ->> 1)::boolean THEN
-                result := jsonb_set_deep(result, path, change -> 2);
+                result := {s}.jsonb_set_deep(result, path, change -> 2);
             ELSE
                 result := result #- path;
             END IF;
@@ -128,8 +128,8 @@ OLD_OBJECT_PROPS = """
     END $$
     """
 
-# The views of 0001 with three changes, each marked "0002:" so a later rewrite keeps them:
-# a cid column, deleted devices left out, and expired telemetry left out.
+# The views of 0001 (devices) and 0003 (device_positions) with two changes, each marked
+# "0002:" so a later rewrite keeps them: a cid column, and deleted devices left out.
 VIEWS = [
     """
     CREATE VIEW devices AS
@@ -152,57 +152,24 @@ VIEWS = [
           SELECT 1 FROM objects_tombstones t
           WHERE t.api = o.api AND t.origin = o.origin AND t.id = o.id))
     """,
+    # 0003's view on device_position_parts (kept by triggers on telemetry), with cid and
+    # without deleted devices. Expired telemetry leaves through the upkeep's DELETE (the
+    # triggers then clear the part), within a minute.
     """
     CREATE VIEW device_positions AS
-    WITH live AS (
-        -- 0002: expired telemetry is not current telemetry
-        SELECT * FROM telemetry WHERE expires_at IS NULL OR expires_at > now()
-    ), whole AS (
-        SELECT device_id,
-               json_number(value -> 'latitude') AS latitude,
-               json_number(value -> 'longitude') AS longitude,
-               json_number(value -> 'altitude') AS altitude,
-               json_number(value -> 'speed') AS speed,
-               ts, cid
-        FROM live
-        WHERE name = 'position' AND jsonb_typeof(value) = 'object'
-    ), dotted AS (
-        SELECT device_id,
-               max(json_number(value)) FILTER (WHERE name = 'position.latitude') AS latitude,
-               max(json_number(value)) FILTER (WHERE name = 'position.longitude') AS longitude,
-               max(json_number(value)) FILTER (WHERE name = 'position.altitude') AS altitude,
-               max(json_number(value)) FILTER (WHERE name = 'position.speed') AS speed,
-               max(ts) FILTER (WHERE name IN ('position.latitude', 'position.longitude')) AS ts,
-               max(cid) AS cid
-        FROM live
-        WHERE name IN ('position.latitude', 'position.longitude', 'position.altitude',
-                       'position.speed')
-        GROUP BY device_id
-    ), chosen AS (
-        SELECT coalesce(w.device_id, d.device_id) AS device_id,
-               (w.latitude IS NOT NULL AND w.longitude IS NOT NULL
-                AND (d.ts IS NULL OR d.latitude IS NULL OR w.ts >= d.ts)) AS use_whole,
-               w.latitude AS w_lat, w.longitude AS w_lon, w.altitude AS w_alt, w.speed AS w_speed,
-               w.ts AS w_ts,
-               d.latitude AS d_lat, d.longitude AS d_lon, d.altitude AS d_alt,
-               d.speed AS d_speed, d.ts AS d_ts,
-               coalesce(w.cid, d.cid) AS cid
-        FROM whole w FULL JOIN dotted d ON d.device_id = w.device_id
-    )
-    SELECT device_id,
-           CASE WHEN use_whole THEN w_lat ELSE d_lat END AS latitude,
-           CASE WHEN use_whole THEN w_lon ELSE d_lon END AS longitude,
-           CASE WHEN use_whole THEN coalesce(w_alt, d_alt) ELSE d_alt END AS altitude,
-           CASE WHEN use_whole THEN coalesce(w_speed, d_speed) ELSE d_speed END AS speed,
-           CASE WHEN use_whole THEN w_ts ELSE d_ts END AS ts,
-           cid  -- 0002
-    FROM chosen
-    WHERE (use_whole OR (d_lat IS NOT NULL AND d_lon IS NOT NULL))
+    SELECT p.device_id, p.position_latitude AS latitude, p.position_longitude AS longitude,
+           p.position_altitude AS altitude, p.position_speed AS speed, p.position_ts AS ts,
+           -- 0002: the account of the device's position telemetry (a primary-key lookup)
+           (SELECT t.cid FROM {s}.telemetry t
+            WHERE t.device_id = p.device_id AND t.name IN ('position', 'position.latitude')
+            ORDER BY t.ts DESC LIMIT 1) AS cid
+    FROM {s}.device_position_parts p
+    WHERE p.position_latitude IS NOT NULL AND p.position_longitude IS NOT NULL
       -- 0002: a device deleted after its last position is gone from the map
       AND NOT EXISTS (
-          SELECT 1 FROM objects_tombstones t
-          WHERE t.api = 'gw' AND t.origin = 'devices' AND t.id = chosen.device_id
-            AND t.ts >= CASE WHEN use_whole THEN w_ts ELSE d_ts END)
+          SELECT 1 FROM {s}.objects_tombstones t
+          WHERE t.api = 'gw' AND t.origin = 'devices' AND t.id = p.device_id
+            AND t.ts >= p.position_ts)
     """,
 ]
 
@@ -300,16 +267,19 @@ def upgrade() -> None:
         key=("topic", "ts", "digest"),
         comment="flespi/message/... families not modelled yet (chats, containers, abques).",
     )
+    s = '"' + op.get_bind().execute(sa.text("SELECT current_schema()")).scalar_one() + '"'
     for statement in FUNCTIONS:
-        op.execute(statement)
+        op.execute(statement.replace("{s}", s))
     op.execute("DROP VIEW device_positions")
     op.execute("DROP VIEW devices")
     for statement in VIEWS:
-        op.execute(statement)
+        op.execute(statement.replace("{s}", s))
 
 
 def downgrade() -> None:
-    initial = context.script.get_revision("0001").module  # its views, frozen there
+    s = '"' + op.get_bind().execute(sa.text("SELECT current_schema()")).scalar_one() + '"'
+    initial = context.script.get_revision("0001").module  # the views, frozen there and in 0003
+    positions = context.script.get_revision("0003").module
     op.execute("DROP VIEW device_positions")
     op.execute("DROP VIEW devices")
     op.execute("DROP FUNCTION object_patch(jsonb, jsonb)")
@@ -323,5 +293,5 @@ def downgrade() -> None:
         op.drop_index(f"{table}_{'_'.join(columns)}_idx", table_name=table)
     for table in CID_TABLES:
         op.drop_column(table, "cid")
-    for statement in initial.VIEWS:  # type: ignore[union-attr]
-        op.execute(statement)
+    op.execute(initial.VIEWS[0])  # type: ignore[union-attr]
+    op.execute(positions.POSITIONS_VIEW.format(s=s))  # type: ignore[union-attr]
