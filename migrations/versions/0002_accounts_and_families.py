@@ -159,10 +159,9 @@ VIEWS = [
     CREATE VIEW device_positions AS
     SELECT p.device_id, p.position_latitude AS latitude, p.position_longitude AS longitude,
            p.position_altitude AS altitude, p.position_speed AS speed, p.position_ts AS ts,
-           -- 0002: the account of the device's position telemetry (a primary-key lookup)
-           (SELECT t.cid FROM {s}.telemetry t
-            WHERE t.device_id = p.device_id AND t.name IN ('position', 'position.latitude')
-            ORDER BY t.ts DESC LIMIT 1) AS cid
+           -- 0002: the device's account, from its object (a primary-key lookup)
+           (SELECT o.cid FROM {s}.objects o
+            WHERE o.api = 'gw' AND o.origin = 'devices' AND o.id = p.device_id) AS cid
     FROM {s}.device_position_parts p
     WHERE p.position_latitude IS NOT NULL AND p.position_longitude IS NOT NULL
       -- 0002: a device deleted after its last position is gone from the map
