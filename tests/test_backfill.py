@@ -280,12 +280,16 @@ async def test_the_reconcile_command_deletes_what_flespi_lost_and_refuses_to_emp
         for n in range(1, DEVICES + 1):
             if n != 1:
                 record.observe(f"flespi/state/gw/devices/{FIRST_DEVICE_ID + n}", b"", time.time())
-        before = (await query(engine, "SELECT count(*) FROM telemetry"))[0][0]
+        # Deleting a device object also deletes that device's telemetry (issue 8 item 10), so
+        # the devices still listed are the ones whose telemetry must stay.
+        still = "SELECT count(*) FROM telemetry WHERE device_id = :d"
+        before = (await query(engine, still, d=FIRST_DEVICE_ID + 1))[0][0]
         refused = await asyncio.to_thread(
             subprocess.run, command, capture_output=True, text=True, env=env, timeout=120
         )
         assert refused.returncode == 1
         assert "refusing" in refused.stdout
-        assert (await query(engine, "SELECT count(*) FROM telemetry"))[0][0] == before
+        assert before > 0
+        assert (await query(engine, still, d=FIRST_DEVICE_ID + 1))[0][0] == before
     finally:
         await engine.dispose()
