@@ -63,7 +63,7 @@ def _state_value(msg: Inbound) -> str | None:
 
 
 def _ts(msg: Inbound) -> float:
-    return parse_timestamp(msg.properties, msg.received_at)
+    return parse_timestamp(msg.properties, msg.received_at, msg.received_at)
 
 
 def telemetry(f: Fields, msg: Inbound, cid: int | None) -> Record:
@@ -162,8 +162,8 @@ def _activation(f: Fields, msg: Inbound, cid: int | None) -> Record:
     if event != "deactivated":
         text, value = _interval_payload(event, msg)
         if "timestamp" in value:
-            fallback = checked_timestamp(value["timestamp"], "interval timestamp")
-    ts = parse_timestamp(msg.properties, fallback)
+            fallback = checked_timestamp(value["timestamp"], "interval timestamp", msg.received_at)
+    ts = parse_timestamp(msg.properties, fallback, msg.received_at)
     return CalculatorDeviceUpdate(
         f["calc_id"], f["device_id"], "active", text, ts, msg.received_at, cid
     )
@@ -176,13 +176,13 @@ def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
     text, value = _interval_payload(event, msg)
     interval_key, raw_id, begin = _interval_key(value)
     if begin is not None:
-        checked_timestamp(begin, "interval begin")
+        checked_timestamp(begin, "interval begin", msg.received_at)
     end = optional_number(value, "end")
     if end is not None:
-        checked_timestamp(end, "interval end")
+        checked_timestamp(end, "interval end", msg.received_at)
     fallback = msg.received_at
     if "timestamp" in value:
-        fallback = checked_timestamp(value["timestamp"], "interval timestamp")
+        fallback = checked_timestamp(value["timestamp"], "interval timestamp", msg.received_at)
     return IntervalEvent(
         calc_id=f["calc_id"],
         device_id=f["device_id"],
@@ -193,7 +193,7 @@ def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
         duration=optional_number(value, "duration"),
         event=event,
         data=None if event == "deleted" else text,
-        ts=parse_timestamp(msg.properties, fallback),
+        ts=parse_timestamp(msg.properties, fallback, msg.received_at),
         received_at=msg.received_at,
         cid=cid,
     )
@@ -208,10 +208,12 @@ def _message_fields(msg: Inbound) -> tuple[str, dict[str, Any], float, float | N
         raise Invalid(Reason.WRONG_SHAPE, "a message payload must be a JSON object")
     ts = _ts(msg)
     if value.get("timestamp") is not None:
-        ts = checked_timestamp(value["timestamp"], "message timestamp")
+        ts = checked_timestamp(value["timestamp"], "message timestamp", msg.received_at)
     server_ts = None
     if value.get("server.timestamp") is not None:
-        server_ts = checked_timestamp(value["server.timestamp"], "message server.timestamp")
+        server_ts = checked_timestamp(
+            value["server.timestamp"], "message server.timestamp", msg.received_at
+        )
     return text, value, ts, server_ts
 
 
@@ -252,7 +254,7 @@ def modem_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
 def _record_time(value: Any, msg: Inbound) -> float:
     """A record's own ``timestamp`` when it is a JSON object with one, else the property's."""
     if isinstance(value, dict) and value.get("timestamp") is not None:
-        return checked_timestamp(value["timestamp"], "payload timestamp")
+        return checked_timestamp(value["timestamp"], "payload timestamp", msg.received_at)
     return _ts(msg)
 
 

@@ -5,8 +5,9 @@ retention, and old tombstones pruned.
 ``ts`` (PostgreSQL declarative partitioning, created by the migration with a DEFAULT partition).
 The daemon keeps one partition per UTC day from yesterday to ``days_ahead`` days ahead, so a
 query over a time range touches only its days and a day of history is dropped in one statement.
-Rows outside the prepared days (a device replaying last month's buffer, a clock in the future)
-land in the default partition; when their day's partition is made later they are moved into it.
+Rows outside the prepared days (a device replaying last month's buffer, a GPS week rollover to
+1999, a clock in the future) land in the default partition; the next maintenance makes their
+days' partitions and moves them there, so retention drops them like any other day.
 
 Partition names and bounds are derived from dates computed here, never from message content.
 Every identifier is quoted, and retention drops only the partitions this module made (ordinary
@@ -82,6 +83,19 @@ async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, _Pa
     return days
 
 
+async def _default_days(
+    conn: AsyncConnection, table: str, since: dt.date | None
+) -> list[dt.date]:
+    """The UTC days of the rows in the default partition (from ``since``, when given)."""
+    query = f"SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM {table}_default"
+    params: dict[str, object] = {}
+    if since is not None:
+        query += " WHERE ts >= :since"
+        params["since"] = dt.datetime.fromisoformat(_bound(since))
+    rows = await conn.execute(text(query), params)
+    return sorted(day for (day,) in rows)
+
+
 async def _create_day(conn: AsyncConnection, table: str, day: dt.date) -> int:
     """Create the day's partition, moving its rows out of the default partition first."""
     lo, hi = _bound(day), _bound(day + DAY)
@@ -127,11 +141,21 @@ async def maintain(
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": _LOCK_KEY})
         for table in (t.name for t in HISTORY_TABLES):
             existing = await _existing_days(conn, table)
+            made = set(existing)
             for offset in range(-1, days_ahead + 1):
                 day = today + offset * DAY
-                if day not in existing:
+                if day not in made:
                     report.moved_rows += await _create_day(conn, table, day)
                     report.created.append(partition_name(table, day))
+                    made.add(day)
+            # Back-dated (or far-ahead) device time: its days get partitions too, so the rows
+            # leave the default partition and retention drops them a day at a time.
+            since = today - retention_days * DAY if retention_days > 0 else None
+            for day in await _default_days(conn, table, since):
+                if day not in made:
+                    report.moved_rows += await _create_day(conn, table, day)
+                    report.created.append(partition_name(table, day))
+                    made.add(day)
             if retention_days > 0:
                 cutoff = today - retention_days * DAY  # days ending on or before this are gone
                 for day, partition in sorted(existing.items()):

@@ -19,9 +19,11 @@ from typing import Any
 
 from mirror.records import Reason
 
-# Timestamps outside this window are absurd for flespi data (2000-01-01 .. 2100-01-01).
-MIN_TIMESTAMP = 946_684_800.0
-MAX_TIMESTAMP = 4_102_444_800.0
+# Device time is device time: trackers replay old backlogs and GPS week rollovers report 1999,
+# so anything from 1970 is accepted; the upper bound is a day after receipt (``AHEAD``).
+MIN_TIMESTAMP = 0.0
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01, when no receipt time is given
+AHEAD = 86_400.0
 MAX_JSON_DEPTH = 64
 
 
@@ -119,14 +121,17 @@ def parse_json(payload: bytes) -> tuple[str, Any]:
     return text, value
 
 
-def parse_timestamp(properties: Mapping[str, str], fallback: float) -> float:
+def parse_timestamp(
+    properties: Mapping[str, str], fallback: float, received_at: float | None = None
+) -> float:
     raw = properties.get("timestamp")
     if raw is None:
         return fallback
-    return checked_timestamp(raw, "user property timestamp")
+    return checked_timestamp(raw, "user property timestamp", received_at)
 
 
-def checked_timestamp(raw: Any, what: str) -> float:
+def checked_timestamp(raw: Any, what: str, received_at: float | None = None) -> float:
+    """Unix seconds from 1970 up to a day after ``received_at`` (2100 without one)."""
     if isinstance(raw, bool):
         raise Invalid(Reason.INVALID_TIMESTAMP, f"{what} is a boolean")
     try:
@@ -135,8 +140,12 @@ def checked_timestamp(raw: Any, what: str) -> float:
         raise Invalid(
             Reason.INVALID_TIMESTAMP, f"{what} {str(raw)[:40]!r} is not a number"
         ) from None
-    if not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
-        raise Invalid(Reason.INVALID_TIMESTAMP, f"{what} {str(raw)[:40]} is outside 2000..2100")
+    latest = MAX_TIMESTAMP if received_at is None else received_at + AHEAD
+    if not (MIN_TIMESTAMP <= value < latest):
+        raise Invalid(
+            Reason.INVALID_TIMESTAMP,
+            f"{what} {str(raw)[:40]} is before 1970 or more than a day after its receipt",
+        )
     return value
 
 

@@ -31,9 +31,7 @@ from mirror.snapshot import (
 )
 from mirror.source import Batch, MqttSource, Received
 from mirror.store import DatabaseUnavailable, Store, WriteResult
-from mirror.topics import (
-    decode,
-)
+from mirror.topics import decode, lag_reference
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +298,9 @@ class Mirror:
         for inbound, record in decoded:
             key = (str(record.family), inbound.qos)
             families[key] = families.get(key, 0) + 1
-            stamp = inbound.properties.get("timestamp")
-            if stamp is not None and not isinstance(record, Rejection):
-                with contextlib.suppress(ValueError):
-                    metrics.LAG.observe(max(0.0, now - float(stamp)))
+            sent = lag_reference(inbound, record)
+            if sent is not None:
+                metrics.LAG.observe(max(0.0, now - sent))
         for (family, qos), count in families.items():
             metrics.MESSAGES_RECEIVED.labels(family, str(qos)).inc(count)
         for (table, operation), count in result.rows.items():

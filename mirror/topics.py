@@ -156,3 +156,22 @@ def _lenient_cid(msg: Inbound, default_cid: int | None) -> int | None:
         return message_cid(msg, default_cid)
     except Invalid:
         return default_cid
+
+
+def lag_reference(msg: Inbound, record: Record | Rejection) -> float | None:
+    """When flespi published what a message carries, for the lag metric; None when the
+    message says nothing about lag: a rejection, or a retained message (a snapshot is old by
+    design). Device and channel messages count from their ``server.timestamp`` (flespi's
+    receive time), never from device time (a black-box backlog is history, not lag); the
+    rest from the ``timestamp`` user property."""
+    if isinstance(record, Rejection) or msg.retain:
+        return None
+    server_ts = getattr(record, "server_ts", None)
+    if server_ts is not None:
+        return float(server_ts)
+    if getattr(record, "digest", None) is not None:
+        return None  # a message without server time: its times are the device's
+    try:
+        return float(msg.properties["timestamp"])
+    except (KeyError, ValueError):
+        return None

@@ -19,7 +19,7 @@ LEVEL = st.text(
     min_size=1,
     max_size=12,
 )
-SANE_TIME = st.floats(1_000_000_000, 1_800_000_000, allow_nan=False).map(lambda t: round(t, 6))
+SANE_TIME = st.floats(1_000_000_000, NOW, allow_nan=False).map(lambda t: round(t, 6))
 
 
 def _level(segment: Segment) -> st.SearchStrategy[str]:
@@ -64,7 +64,7 @@ def valid_payload(draw: st.DrawFn) -> bytes:
     value.update(
         id=draw(st.integers(0, MAX_ID)),
         begin=begin,
-        end=begin + draw(st.integers(0, 86_400)),
+        end=begin + draw(st.integers(0, 3_600)),
         timestamp=draw(SANE_TIME),
     )
     return json.dumps(value).encode()

@@ -70,7 +70,7 @@ BAD: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("nul_escape", TELEMETRY.format("l"), b'"a\\u0000b"', GOOD_PROPS, "unsupported_unicode"),
     ("lone_surrogate", TELEMETRY.format("m"), b'"\\ud800"', GOOD_PROPS, "unsupported_unicode"),
     ("ts_not_number", TELEMETRY.format("n"), b"1", {"timestamp": "yesterday"}, "invalid_timestamp"),
-    ("ts_1970", TELEMETRY.format("o"), b"1", {"timestamp": "0"}, "invalid_timestamp"),
+    ("ts_before_1970", TELEMETRY.format("o"), b"1", {"timestamp": "-1"}, "invalid_timestamp"),
     ("ts_9999", TELEMETRY.format("p"), b"1", {"timestamp": "253402300799"}, "invalid_timestamp"),
     ("ts_nan", TELEMETRY.format("q"), b"1", {"timestamp": "nan"}, "invalid_timestamp"),
     ("ts_inf", TELEMETRY.format("r"), b"1", {"timestamp": "inf"}, "invalid_timestamp"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.records import Inbound, PlatformLog
+from mirror.records import Inbound, PlatformLog, Rejection
 from mirror.topics import decode
 from tests.helpers import Publisher, publisher, query, running_mirror, settings_for, settle
 
@@ -200,3 +200,64 @@ def test_the_logs_switch_subscribes_to_platform_logs_but_never_snapshots_them():
     assert "flespi/log/#" in settings.subscriptions
     assert "flespi/log/#" not in settings.snapshot_topics
     assert "flespi/log/#" not in Settings().subscriptions
+
+
+def test_device_time_from_1970_to_a_day_ahead_is_accepted():
+    rollover = 1_731_990_000.0 - 1024 * 7 * 86_400  # GPS week rollover: 2004
+    for stamp, ok in ((rollover, True), (935_280_000.0, True), (0.0, True), (-1.0, False),
+                      (TS + 86_000, True), (TS + 90_000, False)):  # fmt: skip
+        message = Inbound(
+            "flespi/message/gw/devices/5", f'{{"timestamp": {stamp}}}'.encode(), {}, TS
+        )
+        assert isinstance(decode(message), Rejection) != ok, stamp
+
+
+async def test_back_dated_history_gets_its_own_day_partitions_and_retention(database, schema_name):
+    import datetime as dt
+
+    from mirror.batch import coalesce
+    from mirror.database import create_engine, migrate
+    from mirror.partitions import maintain
+    from mirror.store import Store
+
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name)
+        today = dt.date(2026, 3, 10)
+        await maintain(engine, today=today, days_ahead=1)
+        stamps = (935_280_000.5, dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC).timestamp())
+        messages = [
+            Inbound("flespi/message/gw/devices/5", f'{{"timestamp": {s}}}'.encode(), {}, stamps[1])
+            for s in stamps
+        ]
+        await Store(engine).write(coalesce((m, decode(m)) for m in messages))
+        report = await maintain(engine, today=today, days_ahead=1)
+        assert {"device_messages_p19990822", "device_messages_p20260301"} <= set(report.created)
+        homes = await query(
+            engine, "SELECT tableoid::regclass::text FROM device_messages ORDER BY ts"
+        )
+        assert [h.split(".")[-1] for (h,) in homes] == [
+            "device_messages_p19990822",
+            "device_messages_p20260301",
+        ]
+        report = await maintain(engine, today=today, days_ahead=1, retention_days=30)
+        assert "device_messages_p19990822" in report.dropped
+        assert "device_messages_p20260301" not in report.dropped
+    finally:
+        await engine.dispose()
+
+
+def test_lag_counts_neither_snapshots_nor_device_time():
+    from mirror.topics import lag_reference
+
+    live = Inbound("flespi/state/gw/devices/5/telemetry/x", b"1", {"timestamp": "100.5"}, TS)
+    retained = Inbound(live.topic, b"1", {"timestamp": "100.5"}, TS, retain=True)
+    backlog = Inbound(
+        "flespi/message/gw/devices/5",
+        b'{"timestamp": 935280000, "server.timestamp": 1731989999.5}',
+        {"timestamp": "935280000"},
+        TS,
+    )
+    assert lag_reference(live, decode(live)) == 100.5
+    assert lag_reference(retained, decode(retained)) is None
+    assert lag_reference(backlog, decode(backlog)) == 1731989999.5

@@ -230,7 +230,7 @@ def test_bad_input_is_rejected_with_a_reason(topic, payload, reason):
     assert result.reason == reason, result.detail
 
 
-@pytest.mark.parametrize("stamp", ["soon", "", "nan", "inf", "0", "253402300799", "1e300"])
+@pytest.mark.parametrize("stamp", ["soon", "", "nan", "inf", "-1", "253402300799", "1e300"])
 def test_absurd_timestamp_property_is_rejected(stamp):
     result = decode(msg("flespi/state/gw/devices/1/telemetry/x", b"1", ts=stamp))
     assert isinstance(result, Rejection) and result.reason == Reason.INVALID_TIMESTAMP
