@@ -67,8 +67,11 @@ def _ts(msg: Inbound) -> float:
 
 
 def telemetry(f: Fields, msg: Inbound, cid: int | None) -> Record:
+    expires_at = None
+    if msg.message_expiry is not None:  # what is left of it when the broker sent it
+        expires_at = msg.received_at + msg.message_expiry
     return TelemetryUpdate(
-        f["device_id"], f["name"], _state_value(msg), _ts(msg), msg.received_at, cid
+        f["device_id"], f["name"], _state_value(msg), _ts(msg), msg.received_at, cid, expires_at
     )
 
 

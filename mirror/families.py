@@ -125,7 +125,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         StateWrites(
             keys=(_DEVICE, Col("name", Kind.TEXT)),
-            values=(Col("value", Kind.JSON), _CID),
+            values=(Col("value", Kind.JSON), _CID, Col("expires_at", Kind.TIME)),
             present="value",
         ),
     ),

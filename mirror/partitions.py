@@ -202,3 +202,13 @@ async def prune_tombstones(engine: AsyncEngine, keep_days: int) -> int:
     if removed:
         log.info("pruned %d tombstones older than %d days", removed, keep_days)
     return removed
+
+
+async def expire_telemetry(engine: AsyncEngine) -> int:
+    """Delete telemetry values past their MQTT message expiry, as flespi drops them; return
+    how many. The views already leave them out; this keeps the table itself current."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            text("DELETE FROM telemetry WHERE expires_at IS NOT NULL AND expires_at <= now()")
+        )
+    return max(result.rowcount, 0)

@@ -114,6 +114,7 @@ class Mirror:
         helpers = [
             asyncio.create_task(self._maintenance_loop(), name="partition-maintenance"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            asyncio.create_task(self._expiry_loop(), name="telemetry-expiry"),
         ]
         if self.settings.share_group:
             helpers.append(asyncio.create_task(self._snapshot(), name="retained-snapshot"))
@@ -190,6 +191,16 @@ class Mirror:
         while True:
             self.update_gauges()
             await asyncio.sleep(interval)
+
+    async def _expiry_loop(self, interval: float = 60.0) -> None:
+        """Expired telemetry leaves the table within a minute (the views hide it at once)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await partitions.expire_telemetry(self.engine)
+            except Exception as exc:  # retried next minute; nothing is lost meanwhile
+                metrics.MAINTENANCE_ERRORS.inc()
+                log.warning("telemetry expiry failed (will retry): %s", exc)
 
     async def _maintenance_loop(self) -> None:
         while True:

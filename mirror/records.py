@@ -58,16 +58,20 @@ class Inbound:
     received_at: float
     retain: bool = False
     qos: int = 1
+    message_expiry: int | None = None  # MQTT 5 message expiry interval left, in seconds
 
 
 @dataclass(frozen=True, slots=True)
 class TelemetryUpdate:
+    """``expires_at``: when flespi drops the value (its MQTT message expiry), else None."""
+
     device_id: int
     name: str
     value: str | None
     ts: float
     received_at: float
     cid: int | None = None
+    expires_at: float | None = None
     family = Family.TELEMETRY
     value_field = "value"  # None in it: a deletion
 

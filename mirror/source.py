@@ -601,7 +601,13 @@ class MqttSource:
             self.last_retained_at = time.monotonic()
             self.retained_received += 1
         inbound = Inbound(
-            topic, packet.payload, dict(packet.user_properties), now, packet.retain, int(qos)
+            topic,
+            packet.payload,
+            dict(packet.user_properties),
+            now,
+            packet.retain,
+            int(qos),
+            packet.message_expiry_interval,  # flespi expires telemetry (issue 8 item 9)
         )
         self._buffer.append(Received(inbound, packet.packet_id or 0, size, link.epoch))
         self._buffered_bytes += size

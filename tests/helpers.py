@@ -69,6 +69,7 @@ class Publisher:
         *,
         retain: bool = False,
         properties: dict[str, str] | None = None,
+        expiry: int | None = None,
     ) -> None:
         props = Properties(PacketTypes.PUBLISH)
         pairs = [("cid", str(self.cid))]
@@ -76,6 +77,8 @@ class Publisher:
             pairs.append(("timestamp", repr(float(ts))))
         pairs += list((properties or {}).items())
         props.UserProperty = pairs
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
         info = self.client.publish(topic, encode(value), qos=1, retain=retain, properties=props)
         info.wait_for_publish(10)
 

@@ -4,6 +4,8 @@ families, device time, ties, telemetry expiry, deleted devices."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from mirror.records import Inbound, PlatformLog, Rejection
@@ -261,3 +263,37 @@ def test_lag_counts_neither_snapshots_nor_device_time():
     assert lag_reference(live, decode(live)) == 100.5
     assert lag_reference(retained, decode(retained)) is None
     assert lag_reference(backlog, decode(backlog)) == 1731989999.5
+
+
+async def test_expired_telemetry_leaves_the_views_and_the_table(broker, settings):
+    from mirror.partitions import expire_telemetry
+
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            pub.publish("flespi/state/gw/devices/1/telemetry/position.latitude", 54.0, TS,
+                        retain=True, expiry=1)  # fmt: skip
+            pub.publish("flespi/state/gw/devices/1/telemetry/position.longitude", 25.0, TS,
+                        retain=True, expiry=1)  # fmt: skip
+            pub.publish("flespi/state/gw/devices/1/telemetry/battery.level", 80, TS, retain=True,
+                        expiry=3600)  # fmt: skip
+            pub.publish("flespi/state/gw/devices/1/telemetry/ident", "x", TS, retain=True)
+        await settle(running)
+        engine = running.engine
+        rows = await query(
+            engine,
+            "SELECT name, extract(epoch FROM expires_at - received_at) FROM telemetry ORDER BY 1",
+        )
+        assert [(n, None if s is None else round(float(s))) for n, s in rows] == [
+            ("battery.level", 3600),
+            ("ident", None),
+            ("position.latitude", 1),
+            ("position.longitude", 1),
+        ]
+        assert await query(engine, "SELECT device_id FROM device_positions") == [(1,)]
+        await asyncio.sleep(1.5)
+        assert await expire_telemetry(engine) == 2
+        assert await query(engine, "SELECT device_id FROM device_positions") == []
+        assert await query(engine, "SELECT name FROM telemetry ORDER BY 1") == [
+            ("battery.level",),
+            ("ident",),
+        ]
