@@ -85,22 +85,42 @@ FUNCTIONS = [
     """,
     # Apply changed property paths to an object's props without reading its other properties,
     # so one update costs the same for an object with 10 or 10,000 properties (issue 8 item 3).
-    # changes: [[path, live, value], ...] in path order; live false removes the path.
+    # changes: [[path, live, value], ...]; live false removes the path. jsonb is rewritten
+    # whole by every change, so changes are grouped by parent path: one rewrite per parent
+    # per batch, not one per change (500 changes to a 10,000-key object: 1 copy, not 1,500).
     """
     CREATE FUNCTION {s}.object_patch(props jsonb, changes jsonb)
     RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
     DECLARE
-        result jsonb := props;
-        change jsonb;
-        path text[];
+        result jsonb := coalesce(props, '{}'::jsonb);
+        grp record;
+        parent_value jsonb;
     BEGIN
-        FOR change IN SELECT c FROM jsonb_array_elements(coalesce(changes, '[]'::jsonb)) c LOOP
-            path := ARRAY(SELECT jsonb_array_elements_text(change -> 0));
-            IF (change ->> 1)::boolean THEN
-                result := {s}.jsonb_set_deep(result, path, change -> 2);
-            ELSE
-                result := result #- path;
+        FOR grp IN
+            SELECT path[1:cardinality(path) - 1] AS parent,
+                   coalesce(jsonb_object_agg(path[cardinality(path)], value)
+                            FILTER (WHERE live), '{}'::jsonb) AS sets,
+                   coalesce(array_agg(path[cardinality(path)]) FILTER (WHERE NOT live),
+                            '{}'::text[]) AS drops
+            FROM (SELECT ARRAY(SELECT jsonb_array_elements_text(c -> 0)) AS path,
+                         (c ->> 1)::boolean AS live, c -> 2 AS value
+                  FROM jsonb_array_elements(coalesce(changes, '[]'::jsonb)) AS x(c)) ch
+            GROUP BY 1
+            ORDER BY cardinality(path[1:cardinality(path) - 1]), 1
+        LOOP
+            IF cardinality(grp.parent) = 0 THEN
+                result := (result - grp.drops) || grp.sets;
+                CONTINUE;
             END IF;
+            parent_value := result #> grp.parent;
+            IF parent_value IS NULL AND grp.sets = '{}'::jsonb THEN
+                CONTINUE;  -- removing below a level that is not there: nothing to do
+            END IF;
+            IF parent_value IS NULL OR jsonb_typeof(parent_value) <> 'object' THEN
+                parent_value := '{}'::jsonb;
+            END IF;
+            result := {s}.jsonb_set_deep(result, grp.parent,
+                                         (parent_value - grp.drops) || grp.sets);
         END LOOP;
         RETURN result;
     END $$
