@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mirror.traffic import ACCOUNT_ID, FAMILIES, Publication, TrafficGenerator
+from mirror.traffic import FAMILIES, Publication, TrafficGenerator
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class SimulationOptions:
     retained_snapshot: bool = True  # publish the initial retained state of every device first
     max_messages: int | None = None  # stop after this many live publishes, whichever comes first
     answer_rest: bool = False  # cli: also answer REST over MQTT from the record (rest_responder)
+    backlog: bool = True  # device messages with days-old device time (black box, GPS rollover)
 
 
 @dataclass
@@ -188,7 +189,9 @@ class AcknowledgedPublisher:
         # paho's Properties.__init__ has no annotations
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         stamp = time.time()
-        properties.UserProperty = [("timestamp", f"{stamp:.6f}"), ("cid", str(ACCOUNT_ID))]
+        properties.UserProperty = [("timestamp", f"{stamp:.6f}"), ("cid", str(publication.cid))]
+        if publication.expiry is not None:
+            properties.MessageExpiryInterval = publication.expiry
         info = self.client.publish(
             publication.topic,
             publication.payload,
@@ -242,7 +245,7 @@ def run_simulation(
         raise ValueError("max_messages must not be negative")
     stop = stop or threading.Event()
     started = time.monotonic()
-    traffic = TrafficGenerator(options.devices, options.seed)
+    traffic = TrafficGenerator(options.devices, options.seed, backlog=options.backlog)
     publisher = AcknowledgedPublisher(options)
     if observer is not None:
         publisher.observers.append(observer)

@@ -1,10 +1,12 @@
 """The traffic of a simulated flespi account: what is published, in which order. Pure.
 
-It speaks the same topics and payloads as flespi (see ``shared/flespi-mqtt.md``): a retained
-snapshot of every device's state first, then a live mix of telemetry, device and channel
-messages, property changes, interval events, SMS and the odd deletion. Deterministic for a
-given seed; only the timestamps are real wall-clock time, as flespi's are. ``simulate.py``
-publishes it.
+It speaks the same topics and payloads as flespi (see ``shared/flespi-mqtt.md`` and
+``docs/flespi-shapes.md``): a retained snapshot of every device's state first, then a live mix
+of telemetry (with message expiry), device and channel messages, device-time backlogs, property
+changes (connections, account counters), calculator device state, interval and activation
+events, SMS, platform logs, container messages and the odd deletion, for several subaccounts.
+Deterministic for a given seed; only the timestamps are real wall-clock time, as flespi's are.
+``simulate.py`` publishes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-ACCOUNT_ID = 123456
+ACCOUNT_ID = 123456  # the master account; devices belong to it and two subaccounts
+ACCOUNTS = (ACCOUNT_ID, ACCOUNT_ID + 1, ACCOUNT_ID + 2)
 FIRST_DEVICE_ID = 1_000_000  # device n (1-based) has id FIRST_DEVICE_ID + n
 CHANNEL_ID = 5001
 PLUGIN_ID = 7001
@@ -25,6 +28,11 @@ CALC_ID = 8001
 MODEM_ID = 9001
 DEVICE_TYPE_ID = 1272
 PROTOCOL_ID = 200
+CONTAINER_ID = 6001
+ABQUE_ID = 6101
+GHOST_DEVICE_ID = 1_900_000  # devices created and deleted again, outside the fleet
+TELEMETRY_EXPIRY = 370 * 86_400  # flespi keeps a parameter 370 days at most
+GPS_ROLLOVER_SHIFT = 1024 * 7 * 86_400  # a GPS week rollover puts device time 1024 weeks back
 
 FAMILIES = (
     "telemetry",
@@ -37,6 +45,9 @@ FAMILIES = (
     "channel_message",
     "modem_message",
     "deletion",
+    "calculator_device",
+    "platform_log",
+    "other_message",
 )
 
 
@@ -51,6 +62,13 @@ EVENT_WEIGHTS = {
     "plugin_config": 0.005,
     "object": 0.005,
     "deletion": 0.005,
+    "backlog": 0.005,
+    "calculator": 0.01,
+    "connection": 0.01,
+    "log": 0.01,
+    "container": 0.003,
+    "removal": 0.002,
+    "stray": 0.005,
 }
 # The first live events cover every family once, so even a short demo fills every table.
 OPENING_EVENTS = (
@@ -64,6 +82,13 @@ OPENING_EVENTS = (
     "deletion",
     "interval",
     "interval_deleted",
+    "backlog",
+    "calculator",
+    "connection",
+    "log",
+    "container",
+    "removal",
+    "stray",
 )
 DELETABLE_PARAMS = ("din", "engine.ignition.status", "gsm.signal.level")
 SMS_TEXTS = ("ALARM SOS", "STATUS OK", "Low battery", "Door opened", "Ignition on", "GPS lost")
@@ -76,6 +101,8 @@ class Publication:
     topic: str
     payload: bytes  # b"" is a deletion
     retain: bool
+    cid: int = ACCOUNT_ID  # the account it belongs to (the cid user property)
+    expiry: int | None = None  # MQTT 5 message expiry, seconds
 
 
 @dataclass
@@ -115,6 +142,10 @@ class SimulatedDevice:
         return f"{self.name_kind}-{self.index}"
 
     @property
+    def cid(self) -> int:
+        return ACCOUNTS[self.index % len(ACCOUNTS)]
+
+    @property
     def phone(self) -> str:
         return f"3706{self.index:07d}"
 
@@ -126,7 +157,15 @@ def _json(value: Any) -> bytes:
 class TrafficGenerator:
     """What flespi would publish for an account of simulated devices; no I/O."""
 
-    def __init__(self, devices: int, seed: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        devices: int,
+        seed: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        backlog: bool = True,
+    ) -> None:
+        self.backlog = backlog  # publish device-time backlogs (days old, GPS rollover)
         self.rng = random.Random(seed)
         self.clock = clock
         self.next_interval_id = 1
@@ -151,7 +190,13 @@ class TrafficGenerator:
 
     def _telemetry(self, device: SimulatedDevice, param: str, value: Any) -> Publication:
         topic = self._state(device, f"/telemetry/{param}")
-        return Publication("telemetry", topic, _json(value), True)
+        return Publication("telemetry", topic, _json(value), True, device.cid, TELEMETRY_EXPIRY)
+
+    @staticmethod
+    def _of(
+        device: SimulatedDevice, family: str, topic: str, payload: bytes, retain: bool
+    ) -> Publication:
+        return Publication(family, topic, payload, retain, device.cid)
 
     # -- payloads --------------------------------------------------------------------------------
 
@@ -159,7 +204,7 @@ class TrafficGenerator:
         return {
             "id": device.id,
             "name": device.name,
-            "cid": ACCOUNT_ID,
+            "cid": device.cid,
             "device_type_id": DEVICE_TYPE_ID,
             "protocol_id": PROTOCOL_ID,
             "configuration": {"ident": device.ident},
@@ -203,30 +248,54 @@ class TrafficGenerator:
 
     def snapshot(self) -> Iterator[Publication]:
         """The retained state a subscriber finds when it connects to flespi."""
+        yield from self._devices_snapshot()
+        for n, cid in enumerate(ACCOUNTS):
+            counter = Publication(
+                "object_property",
+                "flespi/state/platform/customer/counters/devices",
+                _json(sum(1 for d in self.devices if d.cid == cid) + n),
+                True,
+                cid,
+            )
+            yield counter
+
+    def _devices_snapshot(self) -> Iterator[Publication]:
         for device in self.devices:
             now = self.clock()
-            yield Publication("object", self._state(device), _json(self._object(device)), True)
-            yield Publication(
-                "object_property", self._state(device, "/connected"), _json(device.connected), True
+            yield self._of(device, "object", self._state(device), _json(self._object(device)), True)
+            yield self._of(
+                device,
+                "object_property",
+                self._state(device, "/connected"),
+                _json(device.connected),
+                True,
             )
-            yield Publication(
-                "object_property", self._state(device, "/last_active"), _json(int(now)), True
+            yield self._of(
+                device,
+                "object_property",
+                self._state(device, "/last_active"),
+                _json(int(now)),
+                True,
             )
             for param, value in self._telemetry_snapshot(device, now).items():
                 yield self._telemetry(device, param, value)
             yield self._setting(device)
-            yield Publication(
+            yield self._of(
+                device,
                 "setting",
                 self._state(device, "/settings/sms_notifications"),
                 _json({"enabled": False}),
                 True,
             )
-            yield Publication(
+            yield self._of(
+                device,
                 "plugin_config",
                 f"flespi/state/gw/plugins/{PLUGIN_ID}/devices/{device.id}",
                 _json(self._plugin_config(device)),
                 True,
             )
+            yield from self._calculator_state(device, synced=True)
+            yield self._connection(device)
 
     # -- live traffic ----------------------------------------------------------------------------
 
@@ -246,31 +315,50 @@ class TrafficGenerator:
         elif kind == "property":
             yield from self._property(device)
         elif kind == "interval":
-            yield self._interval(device, deleting=False)
+            yield from self._interval(device, deleting=False)
         elif kind == "interval_deleted":
-            yield self._interval(device, deleting=True)
+            yield from self._interval(device, deleting=True)
         elif kind == "sms":
             yield self._sms(device)
         elif kind == "setting":
             device.report_interval = self.rng.choice((10, 30, 60, 120))
             yield self._setting(device)
+            topic = self._state(device, "/settings/report_interval/interval")
+            yield self._of(device, "setting", topic, _json(device.report_interval), True)
         elif kind == "plugin_config":
             config = self._plugin_config(device) | {"enabled": self.rng.random() < 0.8}
             topic = f"flespi/state/gw/plugins/{PLUGIN_ID}/devices/{device.id}"
-            yield Publication("plugin_config", topic, _json(config), True)
+            yield self._of(device, "plugin_config", topic, _json(config), True)
         elif kind == "object":
             device.name_kind = self.rng.choice(NAME_KINDS)
-            yield Publication("object", self._state(device), _json(self._object(device)), True)
+            yield self._of(device, "object", self._state(device), _json(self._object(device)), True)
             name_topic = self._state(device, "/name")
-            yield Publication("object_property", name_topic, _json(device.name), True)
+            yield self._of(device, "object_property", name_topic, _json(device.name), True)
         elif kind == "deletion":
             param = self.rng.choice(DELETABLE_PARAMS)
-            yield Publication("deletion", self._state(device, f"/telemetry/{param}"), b"", True)
+            topic = self._state(device, f"/telemetry/{param}")
+            yield self._of(device, "deletion", topic, b"", True)
+        elif kind == "backlog":
+            if self.backlog:
+                yield from self._backlog(device)
+        elif kind == "calculator":
+            yield from self._calculator_state(device, synced=self.rng.random() < 0.9)
+        elif kind == "connection":
+            yield self._connection(device)
+        elif kind == "log":
+            yield self._log(device)
+        elif kind == "container":
+            yield from self._container(device)
+        elif kind == "removal":
+            yield from self._removal(device)
+        elif kind == "stray":
+            yield self._stray_channel_message(device)
         else:
             raise ValueError(f"unknown simulated event {kind!r}")
 
     def _setting(self, device: SimulatedDevice) -> Publication:
-        return Publication(
+        return self._of(
+            device,
             "setting",
             self._state(device, "/settings/report_interval"),
             _json({"interval": device.report_interval}),
@@ -329,20 +417,39 @@ class TrafficGenerator:
         payload = _json(message)
         device_topic = f"flespi/message/gw/devices/{device.id}"
         channel_topic = f"flespi/message/gw/channels/{CHANNEL_ID}/{device.ident}"
-        yield Publication("device_message", device_topic, payload, False)
-        yield Publication("channel_message", channel_topic, payload, False)
+        yield self._of(device, "device_message", device_topic, payload, False)
+        yield self._of(device, "channel_message", channel_topic, payload, False)
 
     def _property(self, device: SimulatedDevice) -> Iterator[Publication]:
         if self.rng.random() < 0.2:
             device.connected = not device.connected
-            yield Publication(
-                "object_property", self._state(device, "/connected"), _json(device.connected), True
+            yield self._of(
+                device,
+                "object_property",
+                self._state(device, "/connected"),
+                _json(device.connected),
+                True,
             )
-        yield Publication(
-            "object_property", self._state(device, "/last_active"), _json(int(self.clock())), True
+        yield self._of(
+            device,
+            "object_property",
+            self._state(device, "/last_active"),
+            _json(int(self.clock())),
+            True,
         )
 
-    def _interval(self, device: SimulatedDevice, *, deleting: bool) -> Publication:
+    def _interval(self, device: SimulatedDevice, *, deleting: bool) -> Iterator[Publication]:
+        """An interval event, and the calculator's activation event when it opens or closes."""
+        publication = self._interval_event(device, deleting=deleting)
+        yield publication
+        event = publication.topic.rsplit("/", 1)[1]
+        if event in ("created", "deleted"):
+            activation = "activated" if event == "created" else "deactivated"
+            topic = publication.topic.rsplit("/", 1)[0] + "/" + activation
+            payload = publication.payload if event == "created" else _json({})
+            yield self._of(device, "calculator_device", topic, payload, False)
+
+    def _interval_event(self, device: SimulatedDevice, *, deleting: bool) -> Publication:
         """created opens an interval, updated extends its end, deleted drops it (same id, begin)."""
         rng = self.rng
         now = self.clock()
@@ -377,7 +484,7 @@ class TrafficGenerator:
             "max_speed": interval.max_speed,
         }
         topic = f"flespi/interval/gw/calcs/{CALC_ID}/devices/{device.id}/{event}"
-        return Publication("interval", topic, _json(payload), False)
+        return self._of(device, "interval", topic, _json(payload), False)
 
     def _sms(self, device: SimulatedDevice) -> Publication:
         payload = {
@@ -386,7 +493,103 @@ class TrafficGenerator:
             "phone": f"+{device.phone}",
         }
         topic = f"flespi/message/gw/modems/{MODEM_ID}/{device.phone}"
-        return Publication("modem_message", topic, _json(payload), False)
+        return self._of(device, "modem_message", topic, _json(payload), False)
+
+    # -- the shapes real accounts add (issue 8) -----------------------------------------------
+
+    def _device_message(self, device: SimulatedDevice, device_time: float) -> dict[str, Any]:
+        position = self._position(device)
+        return {
+            "ident": device.ident,
+            "timestamp": round(device_time, 6),
+            "server.timestamp": round(self.clock(), 6),
+            "channel.id": CHANNEL_ID,
+            "device.id": device.id,
+            "device.name": device.name,
+            "peer": f"10.20.{device.index // 250 % 250}.{device.index % 250}:5000",
+            "position.latitude": position["latitude"],
+            "position.longitude": position["longitude"],
+            "position.valid": False,
+        }
+
+    def _backlog(self, device: SimulatedDevice) -> Iterator[Publication]:
+        """A black box replaying days-old records out of order, one with its GPS week rolled
+        over to 1999, one on the older topic that carries the device name."""
+        now = self.clock()
+        times = [now - self.rng.uniform(1, 5) * 86_400 for _ in range(3)]
+        times.append(times[0] - GPS_ROLLOVER_SHIFT)
+        self.rng.shuffle(times)
+        for i, device_time in enumerate(times):
+            topic = f"flespi/message/gw/devices/{device.id}"
+            if i == 0:
+                topic += f"/{device.name}"
+            payload = _json(self._device_message(device, device_time))
+            yield self._of(device, "device_message", topic, payload, False)
+
+    def _calculator_state(self, device: SimulatedDevice, *, synced: bool) -> Iterator[Publication]:
+        base = f"flespi/state/gw/calcs/{CALC_ID}/devices/{device.id}"
+        now = int(self.clock())
+        last = {"id": self.next_interval_id, "begin": now - 600, "end": now - 60,
+                "duration": 540, "timestamp": now - 60}  # fmt: skip
+        active = None
+        if device.interval is not None:
+            active = {"id": device.interval.id, "begin": device.interval.begin}
+        for field, value in (("last", last), ("active", active), ("synced", synced)):
+            yield self._of(device, "calculator_device", f"{base}/{field}", _json(value), True)
+
+    def _connection(self, device: SimulatedDevice) -> Publication:
+        conn = 7_000_000 + device.index * 10 + self.rng.randrange(3)
+        payload = {"id": conn, "channel_id": CHANNEL_ID, "established": int(self.clock()),
+                   "ident": device.ident, "source": f"10.20.0.{device.index % 250}:5000",
+                   "transport": "tcp"}  # fmt: skip
+        topic = self._state(device, f"/connections/{conn}")
+        return self._of(device, "object_property", topic, _json(payload), True)
+
+    def _log(self, device: SimulatedDevice) -> Publication:
+        now = round(self.clock(), 6)
+        if self.rng.random() < 0.5:
+            queue = self.rng.randrange(1, 4)
+            topic = f"flespi/log/gw/devices/{device.id}/commands-queue/{queue}/executed"
+            record = {"timestamp": now, "event_code": 306, "origin_type": 11,
+                      "command": "setdigout", "result": "OK"}  # fmt: skip
+        else:
+            event = "connected" if device.connected else "disconnected"
+            topic = f"flespi/log/gw/channels/{CHANNEL_ID}/{event}"
+            record = {"timestamp": now, "event_code": 101 if device.connected else 102,
+                      "origin_type": 10, "ident": device.ident}  # fmt: skip
+        return self._of(device, "platform_log", topic, _json(record), False)
+
+    def _container(self, device: SimulatedDevice) -> Iterator[Publication]:
+        now = round(self.clock(), 6)
+        record = {"timestamp": now, "device.id": device.id, "trip": self.rng.randrange(1000)}
+        topic = f"flespi/message/storage/containers/{CONTAINER_ID}"
+        yield self._of(device, "other_message", topic, _json(record), False)
+        topic = f"flespi/message/storage/abques/{ABQUE_ID}/alarms"
+        alarm = _json({"timestamp": now, "text": "SOS"})
+        yield self._of(device, "other_message", topic, alarm, False)
+
+    def _removal(self, device: SimulatedDevice) -> Iterator[Publication]:
+        """Settings and plugin configurations cleared, and a device created then deleted (by
+        an empty payload or by ``deleted``), as a user removing things in flespi's UI."""
+        setting = self._state(device, "/settings/sms_notifications")
+        yield self._of(device, "deletion", setting, b"", True)
+        topic = f"flespi/state/gw/plugins/{PLUGIN_ID}/devices/{device.id}"
+        yield self._of(device, "deletion", topic, b"", True)
+        ghost = f"flespi/state/gw/devices/{GHOST_DEVICE_ID + device.index}"
+        body = {"id": GHOST_DEVICE_ID + device.index, "name": "temporary", "cid": device.cid}
+        yield self._of(device, "object", ghost, _json(body), True)
+        if self.rng.random() < 0.5:  # flespi marks the item deleted, and/or clears its topic
+            yield self._of(device, "deletion", f"{ghost}/deleted", _json(True), True)
+        yield self._of(device, "deletion", ghost, b"", True)
+
+    def _stray_channel_message(self, device: SimulatedDevice) -> Publication:
+        """A channel also sees devices not registered in flespi: no device.id, another ident."""
+        message = self._device_message(device, self.clock() - 1)
+        for key in ("device.id", "device.name"):
+            del message[key]
+        message["ident"] = f"99{device.index:012d}"
+        topic = f"flespi/message/gw/channels/{CHANNEL_ID}/{message['ident']}"
+        return self._of(device, "channel_message", topic, _json(message), False)
 
 
 def _cos_deg(degrees: float) -> float:

@@ -44,6 +44,10 @@ async def simulate(
         seed=seed,
         retained_snapshot=snapshot,
         max_messages=messages,
+        # A backfill asks flespi for a window of device time: messages published during the
+        # gap with days-old device time (black-box backlogs) fall outside it. Known gap,
+        # reported with issue 8; these tests keep to live device time.
+        backlog=False,
     )
     await asyncio.to_thread(run_simulation, options, observer=record.published)
 

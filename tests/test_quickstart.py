@@ -32,11 +32,14 @@ DATA_TABLES = [
     "device_messages",
     "channel_messages",
     "modem_messages",
+    "calculator_devices",
+    "platform_logs",
+    "other_messages",
 ]
 
 
 async def test_simulated_traffic_fills_every_table_and_view(broker, database, schema_name):
-    settings = settings_for(broker.url, database.url, schema_name)
+    settings = settings_for(broker.url, database.url, schema_name, logs=True)
     async with running_mirror(settings) as running:
         options = SimulationOptions(
             mqtt_url=broker.url, devices=5, rate=0, duration=5, max_messages=600
@@ -48,6 +51,8 @@ async def test_simulated_traffic_fills_every_table_and_view(broker, database, sc
         }
         assert all(n > 0 for n in counts.values()), counts
         assert await query(running.engine, "SELECT count(*) FROM dead_letters") == [(0,)]
+        accounts = await query(running.engine, "SELECT count(DISTINCT cid) FROM telemetry")
+        assert accounts == [(3,)]  # a master account and two subaccounts
         devices = await query(
             running.engine,
             "SELECT count(*) FROM devices WHERE name IS NOT NULL AND ident IS NOT NULL",

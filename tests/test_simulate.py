@@ -28,6 +28,7 @@ class Received:
     retain: bool  # as published: the subscription asks for retain-as-published
     user_properties: dict[str, str]
     received_at: float
+    expiry: int | None = None
 
 
 class Subscriber:
@@ -52,8 +53,14 @@ class Subscriber:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         properties = getattr(message.properties, "UserProperty", [])
+        expiry = getattr(message.properties, "MessageExpiryInterval", None)
         received = Received(
-            message.topic, bytes(message.payload), message.retain, dict(properties), time.time()
+            message.topic,
+            bytes(message.payload),
+            message.retain,
+            dict(properties),
+            time.time(),
+            expiry,
         )
         with self._lock:
             self.messages.append(received)
@@ -87,22 +94,28 @@ def subscriber(broker: MosquittoBroker) -> Iterator[Subscriber]:
 def family_of(message: Received) -> str:
     """The family a topic belongs to, read straight from flespi's topic layout."""
     parts = message.topic.split("/")
+    if parts[:2] == ["flespi", "state"] and (message.payload == b"" or parts[-1] == "deleted"):
+        return "deletion"
     if parts[:4] == ["flespi", "state", "gw", "devices"]:
         if len(parts) == 5:
             return "object"
-        if parts[5] == "telemetry":
-            return "deletion" if message.payload == b"" else "telemetry"
-        if parts[5] == "settings":
-            return "setting"
-        return "object_property"
+        return {"telemetry": "telemetry", "settings": "setting"}.get(parts[5], "object_property")
     if parts[:4] == ["flespi", "state", "gw", "plugins"]:
         return "plugin_config"
+    if parts[:4] == ["flespi", "state", "gw", "calcs"]:
+        return "calculator_device"
+    if parts[:4] == ["flespi", "state", "platform", "customer"]:
+        return "object_property"
     if parts[:2] == ["flespi", "interval"]:
-        return "interval"
+        return "calculator_device" if parts[-1] in ("activated", "deactivated") else "interval"
+    if parts[:2] == ["flespi", "log"]:
+        return "platform_log"
     if parts[:3] == ["flespi", "message", "gw"]:
         return {"devices": "device_message", "channels": "channel_message"}.get(
             parts[3], "modem_message"
         )
+    if parts[:3] == ["flespi", "message", "storage"]:
+        return "other_message"
     raise AssertionError(f"unexpected topic {message.topic}")
 
 
@@ -135,6 +148,8 @@ def test_every_family_reaches_a_subscriber_with_flespi_payloads_and_properties(
         assert "." in m.user_properties["timestamp"]
         assert abs(stamp - m.received_at) < 10, m.topic
         assert m.user_properties["cid"].isdigit()
+        if family_of(m) == "telemetry":  # flespi expires telemetry (370 days at most)
+            assert m.expiry is not None and 0 < m.expiry <= 370 * 86_400, m.topic
         state = m.topic.startswith("flespi/state/")
         assert m.retain == state, m.topic
 
@@ -163,7 +178,8 @@ def test_every_family_reaches_a_subscriber_with_flespi_payloads_and_properties(
             assert isinstance(message, dict)
             assert isinstance(message["ident"], str)
             assert isinstance(message["timestamp"], float)
-            assert message["device.id"] == int(message["ident"][-6:]) + 1_000_000
+            if "device.id" in message:  # a channel also sees unregistered devices
+                assert message["device.id"] == int(message["ident"][-6:]) + 1_000_000
             assert {"server.timestamp", "channel.id", "position.latitude", "peer"} <= set(message)
         if family_of(m) == "modem_message":
             sms = json.loads(m.payload)
@@ -172,7 +188,12 @@ def test_every_family_reaches_a_subscriber_with_flespi_payloads_and_properties(
 
     deletions = [m for m in messages if m.payload == b""]
     assert deletions
-    assert all(m.retain and "/telemetry/" in m.topic for m in deletions)
+    assert all(m.retain and m.topic.startswith("flespi/state/") for m in deletions)
+    accounts = {m.user_properties["cid"] for m in messages}
+    assert len(accounts) == 3, accounts  # a master account and two subaccounts
+    device_times = [json.loads(m.payload)["timestamp"] for m in messages
+                    if family_of(m) == "device_message"]  # fmt: skip
+    assert min(device_times) < time.time() - 1000 * 7 * 86_400  # a GPS week rollover
 
 
 def test_interval_updates_and_deletions_refer_to_a_created_interval(
