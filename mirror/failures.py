@@ -32,7 +32,9 @@ class Fatal:
     exit_code: int = 2
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def error_chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps: SQLAlchemy's ``orig``, causes, and contexts that
+    Python shows (not those hidden by ``raise ... from None``)."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain and len(chain) < 10:
@@ -43,7 +45,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    for error in _chain(exc):
+    for error in error_chain(exc):
         state = getattr(error, "sqlstate", None)
         if isinstance(state, str) and state:
             return state
@@ -60,7 +62,7 @@ def database_unreachable(exc: BaseException) -> bool:
     state = sqlstate(exc)
     if state is not None:
         return state in _UNREACHABLE_SQLSTATES
-    for error in _chain(exc):
+    for error in error_chain(exc):
         if isinstance(error, ssl.SSLCertVerificationError | PermissionError):
             return False
         if isinstance(error, FileNotFoundError) and error.filename:
@@ -87,7 +89,7 @@ def describe(exc: BaseException) -> Fatal | None:
     state = sqlstate(exc)
     if state is not None:
         return _describe_sqlstate(state, exc)
-    for error in _chain(exc):
+    for error in error_chain(exc):
         if isinstance(error, ssl.SSLCertVerificationError):
             return Fatal(
                 f"the database's TLS certificate did not verify ({error.verify_message}): "
@@ -111,7 +113,7 @@ def describe(exc: BaseException) -> Fatal | None:
 
 def _describe_sqlstate(state: str, exc: BaseException) -> Fatal | None:
     detail = next(
-        (_first_line(e) for e in _chain(exc) if getattr(e, "sqlstate", None) == state), ""
+        (_first_line(e) for e in error_chain(exc) if getattr(e, "sqlstate", None) == state), ""
     )
     if state == "3D000":
         return Fatal(

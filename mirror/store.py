@@ -35,6 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mirror.batch import DeadLetter, WritePlan
+from mirror.failures import error_chain, sqlstate
 from mirror.records import (
     Inbound,
     Reason,
@@ -88,25 +89,6 @@ class WriteResult:
 # Classifying errors
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what it wraps (SQLAlchemy's ``orig``, causes and contexts)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10 and all(current is not e for e in chain):
-        chain.append(current)
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
-    return chain
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, looking through SQLAlchemy's and asyncpg's wrappers."""
-    for current in _chain(exc):
-        state = getattr(current, "sqlstate", None)
-        if isinstance(state, str) and state:
-            return state
-    return None
-
-
 def _is_database_error(exc: BaseException) -> bool:
     return isinstance(exc, DATABASE_ERRORS)
 
@@ -124,7 +106,7 @@ def _connection_lost(exc: BaseException) -> bool:
 
 def _client_side_data_error(exc: BaseException) -> bool:
     """asyncpg refused to encode a value (e.g. an integer out of bigint range)."""
-    return any(type(e).__name__ == "DataError" for e in _chain(exc))
+    return any(type(e).__name__ == "DataError" for e in error_chain(exc))
 
 
 def classify(exc: BaseException) -> Failure:
@@ -201,7 +183,7 @@ class Store:
                     for statement, params in then:
                         await conn.execute(statement, params)
             except _WRITE_ERRORS as exc:
-                broke = next((e for e in _chain(exc) if isinstance(e, _ConnectionBroke)), None)
+                broke = next((e for e in error_chain(exc) if isinstance(e, _ConnectionBroke)), None)
                 if broke is None:
                     self._adapt_part_limit(limit, len(records))
                     held = _unavailable(exc)
@@ -293,7 +275,7 @@ class Store:
 
 def _unavailable(exc: BaseException) -> DatabaseUnavailable:
     """The error to hold a batch with (the first DatabaseUnavailable raised, if any)."""
-    for current in _chain(exc):
+    for current in error_chain(exc):
         if isinstance(current, DatabaseUnavailable):
             return current
     return DatabaseUnavailable(_describe(exc), held=not is_retryable(exc))
