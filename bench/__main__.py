@@ -32,6 +32,7 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "isolation": faults.isolation,
     "batch-limits": faults.batch_limits,
     "object-size": scenarios.object_size,
+    "interval-history": scenarios.interval_history,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -165,6 +166,15 @@ def table(results: dict[str, Any]) -> str:
             f"big vs small ({sec['props_big']:.1f} vs "
             f"{sec['props_small']:.1f} s; {sec['calc_big']:.1f} vs {sec['calc_small']:.1f} s); "
             "target <= 2.5",
+        ))  # fmt: skip
+    history = results.get("interval-history", {})
+    if "spans_big_vs_small" in history:
+        sec = history["seconds"]
+        rows.append((
+            f"interval history: {history['updates']:,} updates",
+            f"spans {history['spans_big_vs_small']:.2f} x, ids {history['ids_big_vs_small']:.2f} x",
+            f"10,000 vs 10 stored per device ({sec['spans_big']:.1f} vs {sec['spans_small']:.1f} s;"
+            f" {sec['ids_big']:.1f} vs {sec['ids_small']:.1f} s); target <= 2.5",
         ))  # fmt: skip
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":

@@ -123,15 +123,30 @@ def customer(f: Fields, msg: Inbound, cid: int | None) -> Record:
     return whole_object(fields, msg, cid)
 
 
-def _interval_key(value: dict[str, Any]) -> tuple[str, int | None, float | None]:
+def _interval_key(
+    value: dict[str, Any], event: str
+) -> tuple[str, int | None, float | None, float | None]:
+    """(key, id, begin, end). The key of a new row: flespi's id, else the begin. Which stored
+    row an event is about is decided in SQL (migration 0004): by id, else by the time span the
+    event shares with it, so an update that moves ``begin`` or a ``deleted`` payload that
+    carries only some of the fields still finds its row. The payload of ``deleted`` is
+    UNCONFIRMED: it is accepted with any of ``id``, ``begin``, ``end``."""
     raw_id = value.get("id")
     begin = optional_number(value, "begin")
+    end = optional_number(value, "end")
     if raw_id is not None:
         if isinstance(raw_id, bool) or not isinstance(raw_id, int) or not 0 <= raw_id <= MAX_ID:
             raise Invalid(Reason.WRONG_SHAPE, "interval field 'id' is not an integer id")
-        return f"id:{raw_id}", raw_id, begin
+        return f"id:{raw_id}", raw_id, begin, end
     if begin is not None:
-        return f"begin:{begin!r}", None, begin
+        return f"begin:{begin!r}", None, begin, end
+    if event == "deleted" and end is not None:
+        return f"end:{end!r}", None, None, end
+    if event == "deleted":
+        raise Invalid(
+            Reason.WRONG_SHAPE,
+            "a deleted interval without 'id', 'begin' or 'end': nothing says which interval",
+        )
     raise Invalid(Reason.WRONG_SHAPE, "an interval needs an 'id' or a 'begin'")
 
 
@@ -177,10 +192,9 @@ def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
     if event in _ACTIVATION_EVENTS:
         return _activation(f, msg, cid)
     text, value = _interval_payload(event, msg)
-    interval_key, raw_id, begin = _interval_key(value)
+    interval_key, raw_id, begin, end = _interval_key(value, event)
     if begin is not None:
         checked_timestamp(begin, "interval begin", msg.received_at)
-    end = optional_number(value, "end")
     if end is not None:
         checked_timestamp(end, "interval end", msg.received_at)
     fallback = msg.received_at

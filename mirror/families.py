@@ -189,19 +189,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 builders.interval,
             ),
         ),
-        StateWrites(
-            keys=(Col("calc_id", Kind.ID), _DEVICE, Col("interval_key", Kind.TEXT)),
-            values=(
-                Col("data", Kind.JSON),
-                Col("interval_id", Kind.ID),
-                Col("begin", Kind.TIME),
-                Col("end", Kind.TIME),
-                Col("duration", Kind.NUMBER),
-                Col("event", Kind.TEXT),
-                _CID,
-            ),
-            present="data",
-        ),
+        # Matched by flespi's id, else by time span (an interval without an id has no key
+        # that survives an update): the database function intervals_apply.
+        CustomWrites("intervals"),
     ),
     FamilySpec(
         Family.CALCULATOR_DEVICE,

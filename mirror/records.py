@@ -162,8 +162,10 @@ class ObjectPropertyUpdate:
 class IntervalEvent:
     """A calculator interval. ``data`` None means the interval was deleted.
 
-    Key: flespi's interval ``id`` when the payload has one (automated calculators), else its
-    ``begin``: ``interval_key`` is ``"id:<id>"`` or ``"begin:<begin>"``.
+    ``interval_key`` is ``"id:<id>"`` when the payload has flespi's ``id`` (automated
+    calculators), else ``"begin:<begin>"`` (or ``"end:<end>"`` for a deletion naming only its
+    end). It keys a new row and coalesces a batch; which stored row an event is about is
+    decided by the database, by id or else by time span (``intervals_apply``, migration 0004).
     """
 
     calc_id: int

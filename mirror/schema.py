@@ -29,6 +29,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
+from sqlalchemy.sql.schema import SchemaItem
 
 metadata = MetaData()
 
@@ -43,13 +44,14 @@ def _cid() -> Column[int]:
     )
 
 
-def _tombstones(name: str, *key: Column[object]) -> Table:
+def _tombstones(name: str, *key: Column[object], extra: tuple[SchemaItem, ...] = ()) -> Table:
     return Table(
         f"{name}_tombstones",
         metadata,
         *key,
         Column("ts", TS, nullable=False, comment="time of the latest deletion of this key"),
         PrimaryKeyConstraint(*(c.name for c in key)),
+        *extra,
         comment=f"Deletions of {name} rows, so older updates cannot resurrect them.",
     )
 
@@ -166,7 +168,12 @@ intervals = Table(
     metadata,
     Column("calc_id", BigInteger, nullable=False),
     Column("device_id", BigInteger, nullable=False),
-    Column("interval_key", Text, nullable=False, comment="'id:<flespi id>' or 'begin:<begin>'"),
+    Column(
+        "interval_key",
+        Text,
+        nullable=False,
+        comment="'id:<flespi id>', else 'begin:<begin>' of the interval as first seen",
+    ),
     Column("interval_id", BigInteger, comment="flespi's interval id, when it sent one"),
     Column("begin", TS),
     Column("end", TS),
@@ -179,6 +186,9 @@ intervals = Table(
     PrimaryKeyConstraint("calc_id", "device_id", "interval_key"),
     Index("intervals_device_begin_idx", "device_id", "begin"),
     Index("intervals_cid_idx", "cid"),
+    # An interval without a flespi id is found by its span (migration 0004).
+    Index("intervals_span_begin_idx", "calc_id", "device_id", "begin"),
+    Index("intervals_span_end_idx", "calc_id", "device_id", "end"),
     comment="Calculator intervals per device.",
 )
 intervals_tombstones = _tombstones(
@@ -186,6 +196,13 @@ intervals_tombstones = _tombstones(
     Column("calc_id", BigInteger),
     Column("device_id", BigInteger),
     Column("interval_key", Text),
+    extra=(
+        Column("interval_id", BigInteger, comment="flespi's id, if any"),
+        Column("begin", TS, comment="begin of the deleted interval"),
+        Column("end", TS, comment="end of the deleted interval"),
+        Index("intervals_tombstones_span_begin_idx", "calc_id", "device_id", "begin"),
+        Index("intervals_tombstones_span_end_idx", "calc_id", "device_id", "end"),
+    ),
 )
 
 device_messages = Table(

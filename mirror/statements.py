@@ -4,11 +4,11 @@ One multi-row statement per table and operation (``INSERT … SELECT FROM unnest
 newest-wins guard in SQL (``WHERE (cur.ts, cur.value) <= (EXCLUDED.ts, EXCLUDED.value)``: at an
 equal time the greater value wins, so ties end the same in any arrival order) and tombstones so
 that a deletion is not undone by an older or equally old update. Most statements are generated
-from the ``writes`` each family declares in ``families.py``; objects, their properties and
-calculator device state have hand-written ones (registered in ``CUSTOM``). Statement text is
-fixed at import: values travel only as bound array parameters, never as SQL text. Tables are
-unqualified; the connection's ``search_path`` selects the mirror's schema. Pure: no connection
-here (``store.py`` executes).
+from the ``writes`` each family declares in ``families.py``; objects, their properties,
+intervals and calculator device state have hand-written ones (registered in ``CUSTOM``).
+Statement text is fixed at import: values travel only as bound array parameters, never as SQL
+text. Tables are unqualified; the connection's ``search_path`` selects the mirror's schema.
+Pure: no connection here (``store.py`` executes).
 """
 
 from __future__ import annotations
@@ -261,6 +261,44 @@ def _calculator_ops(plan: WritePlan) -> list[Operation]:
     return [("calculator_devices", "upsert", _columns(rows, _CALCULATOR_COLUMNS))]
 
 
+# ---------------------------------------------------------------------------------------------
+# Intervals: by flespi's id, else by time span (intervals_apply, migration 0004)
+
+
+_INTERVAL_COLUMNS = (
+    Col("calc_id", Kind.ID),
+    Col("device_id", Kind.ID),
+    Col("key", Kind.TEXT, "interval_key"),
+    Col("id", Kind.ID, "interval_id"),
+    Col("begin", Kind.NUMBER),
+    Col("end", Kind.NUMBER),
+    Col("duration", Kind.NUMBER),
+    Col("event", Kind.TEXT),
+    Col("data", Kind.TEXT),
+    _CID,
+    Col("ts", Kind.NUMBER),
+    Col("received_at", Kind.NUMBER),
+)
+_INTERVALS_APPLY = text(
+    "SELECT * FROM intervals_apply("
+    + ", ".join(f"CAST(:{c.name} AS {_array_type(c.kind)}[])" for c in _INTERVAL_COLUMNS)
+    + ")"
+)
+
+
+def _interval_ops(plan: WritePlan) -> list[Operation]:
+    """Deletions, then updates, as for every state table; each a call of intervals_apply,
+    which returns a row per interval deleted or written."""
+    rows = plan.rows("intervals")
+    deletions = [r for r in rows if r.data is None]  # type: ignore[union-attr]
+    updates = [r for r in rows if r.data is not None]  # type: ignore[union-attr]
+    return [
+        ("intervals", op, _columns(part, _INTERVAL_COLUMNS))
+        for op, part in (("delete", deletions), ("upsert", updates))
+        if part
+    ]
+
+
 @dataclass(frozen=True)
 class Custom:
     statements: dict[str, TextClause]
@@ -462,6 +500,10 @@ _OBJECTS_MERGE = text(
 
 
 CUSTOM: dict[str, Custom] = {
+    "intervals": Custom(
+        {"intervals.delete": _INTERVALS_APPLY, "intervals.upsert": _INTERVALS_APPLY},
+        _interval_ops,
+    ),
     "calculator_devices": Custom(
         {"calculator_devices.upsert": _calculator_upsert()}, _calculator_ops
     ),

@@ -25,6 +25,9 @@ FIRST_DEVICE_ID = 1_000_000  # device n (1-based) has id FIRST_DEVICE_ID + n
 CHANNEL_ID = 5001
 PLUGIN_ID = 7001
 CALC_ID = 8001
+# A calculator not in automated mode: its interval events carry no ``id`` (kb/mqtt-topics: the
+# id is sent "in automated mode"); the even devices are assigned to it.
+SPAN_CALC_ID = 8002
 MODEM_ID = 9001
 DEVICE_TYPE_ID = 1272
 PROTOCOL_ID = 200
@@ -127,6 +130,7 @@ class SimulatedDevice:
     connected: bool = True
     name_kind: str = "truck"
     interval: OpenInterval | None = None
+    interval_floor: int = 0  # a new interval begins after this (the previous one's end)
     report_interval: int = 30
 
     @property
@@ -450,9 +454,16 @@ class TrafficGenerator:
             yield self._of(device, "calculator_device", topic, payload, False)
 
     def _interval_event(self, device: SimulatedDevice, *, deleting: bool) -> Publication:
-        """created opens an interval, updated extends its end, deleted drops it (same id, begin)."""
+        """created opens an interval, updated extends its end, deleted drops it.
+
+        Odd devices: CALC_ID, every event with the interval's ``id`` and the same ``begin``.
+        Even devices: SPAN_CALC_ID, no ``id``; a device's intervals never overlap; an update
+        may move ``begin`` back (a recalculation taking in an earlier message), and a deletion
+        carries the whole interval, only its ``end`` or only its ``begin`` (UNCONFIRMED shape:
+        both readings)."""
         rng = self.rng
         now = self.clock()
+        spans = device.index % 2 == 0
         interval = device.interval
         roll = rng.random()
         if deleting and interval is not None:
@@ -460,9 +471,15 @@ class TrafficGenerator:
             device.interval = None
         elif interval is None or roll < 0.25:
             event = "created"
-            begin = int(now) - rng.randint(60, 600)
+            if interval is not None:
+                device.interval_floor = interval.end
+            begin = max(int(now) - rng.randint(60, 600), device.interval_floor + 1)
             interval = OpenInterval(
-                self.next_interval_id, begin, int(now), rng.uniform(0.5, 5.0), rng.randint(20, 90)
+                self.next_interval_id,
+                begin,
+                max(int(now), begin),
+                rng.uniform(0.5, 5.0),
+                rng.randint(20, 90),
             )
             self.next_interval_id += 1
             device.interval = interval
@@ -471,10 +488,12 @@ class TrafficGenerator:
             interval.end = max(int(now), interval.end + 1)
             interval.mileage += rng.uniform(0.1, 3.0)
             interval.max_speed = max(interval.max_speed, rng.randint(20, 120))
+            if spans and roll < 0.6:
+                interval.begin = max(interval.begin - rng.randint(1, 30), device.interval_floor + 1)
         else:
             event = "deleted"
             device.interval = None
-        payload = {
+        payload: dict[str, Any] = {
             "id": interval.id,
             "begin": interval.begin,
             "end": interval.end,
@@ -483,7 +502,14 @@ class TrafficGenerator:
             "mileage": round(interval.mileage, 1),
             "max_speed": interval.max_speed,
         }
-        topic = f"flespi/interval/gw/calcs/{CALC_ID}/devices/{device.id}/{event}"
+        calc = CALC_ID
+        if spans:
+            calc = SPAN_CALC_ID
+            del payload["id"]
+            if event == "deleted":
+                fields = rng.choice((("begin", "end"), ("end",), ("begin",)))
+                payload = {k: payload[k] for k in (*fields, "timestamp")}
+        topic = f"flespi/interval/gw/calcs/{calc}/devices/{device.id}/{event}"
         return self._of(device, "interval", topic, _json(payload), False)
 
     def _sms(self, device: SimulatedDevice) -> Publication:

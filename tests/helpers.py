@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror.config import Secret, Settings
-from mirror.database import create_engine
+from mirror.database import create_engine, migrate
 from mirror.metrics import Health
 from mirror.pipeline import Mirror
 
@@ -140,6 +140,21 @@ async def running_mirror(settings: Settings) -> AsyncIterator[RunningMirror]:
         mirror.request_stop()
         await asyncio.wait_for(task, 30)
         await engine.dispose()
+
+
+def migrated_schema(url: str, schema: str) -> tuple[str, str]:
+    """Bring ``schema`` to the newest revision (for a module's tests that write through the
+    store); returns ``(url, schema)``."""
+
+    async def run() -> None:
+        engine = create_engine(url, schema)
+        try:
+            await migrate(engine, schema)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return url, schema
 
 
 async def query(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:

@@ -95,6 +95,7 @@ FILLED_AT_0001 = [
     " now(), now())",
     "INSERT INTO intervals VALUES (9, 5, 'id:1', 1, now(), now(), 60, 'created', '{}',"
     " now(), now())",
+    "INSERT INTO intervals_tombstones VALUES (9, 5, 'begin:2', now())",
     "INSERT INTO device_messages VALUES (5, now(), '\\x00', now(), 'i', '{}', now())",
     "INSERT INTO channel_messages VALUES (4, 'i', now(), '\\x00', now(), '{}', now())",
     "INSERT INTO modem_messages VALUES (2, '370', now(), '\\x00', '{}', now())",
@@ -115,6 +116,9 @@ async def test_upgrading_a_filled_0001_database_keeps_every_row(database, schema
             rows = await query(engine, f"SELECT count(*), count(cid) FROM {table}")
             expected = 2 if table == "telemetry" else 1
             assert rows == [(expected, 0)], table
+        assert await query(engine, "SELECT interval_key, begin FROM intervals_tombstones") == [
+            ("begin:2", None)  # 0004 added the span; a tombstone from before has none
+        ]
         assert await query(engine, "SELECT device_id, name, cid FROM devices") == [(5, "a", None)]
         assert await query(engine, "SELECT device_id, latitude FROM device_positions") == [
             (5, 54.7)

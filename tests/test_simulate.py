@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -17,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mirror.simulate import SimulationOptions, SimulationReport, run_simulation
-from mirror.traffic import FAMILIES
+from mirror.traffic import FAMILIES, TrafficGenerator
 from tests.launchers import MosquittoBroker, free_port
 
 
@@ -203,13 +204,29 @@ def test_interval_updates_and_deletions_refer_to_a_created_interval(
     messages = subscriber.wait_for(report.published)
 
     created: dict[int, int] = {}
+    spans: dict[str, tuple[int, int]] = {}  # the open id-less interval of each device topic
     events = Counter[str]()
     for m in messages:
         if family_of(m) != "interval":
             continue
-        event = m.topic.rsplit("/", 1)[1]
+        *base, event = m.topic.split("/")
+        device = "/".join(base)
         interval = json.loads(m.payload)
         events[event] += 1
+        if "id" not in interval:  # the calculator without ids: intervals found by their span
+            assert base[4] == "8002", m.topic
+            if event == "deleted":
+                assert set(interval) & {"begin", "end"}, m.payload
+                spans.pop(device, None)
+                continue
+            assert interval["duration"] == interval["end"] - interval["begin"]
+            if event == "updated":
+                begin, end = spans[device]
+                assert interval["begin"] <= begin and interval["end"] >= end, m.payload
+            elif device in spans:
+                assert interval["begin"] > spans[device][1], "intervals of a device overlap"
+            spans[device] = (interval["begin"], interval["end"])
+            continue
         assert interval["duration"] == interval["end"] - interval["begin"]
         assert {"mileage", "max_speed", "timestamp"} <= set(interval)
         if event == "created":
@@ -217,6 +234,31 @@ def test_interval_updates_and_deletions_refer_to_a_created_interval(
         else:
             assert created[interval["id"]] == interval["begin"], m.payload
     assert events["created"] and events["updated"] and events["deleted"]
+    assert spans, "the id-less calculator's intervals are missing"
+
+
+def test_the_calculator_without_ids_moves_begin_and_deletes_by_any_field() -> None:
+    """The generator alone (no I/O), long enough to see every id-less shape."""
+    generator = TrafficGenerator(devices=4, seed=3)
+    open_: dict[str, tuple[int, int]] = {}
+    moved, shapes = 0, set()
+    for p in itertools.islice(generator.live(), 60_000):
+        if p.family != "interval" or "/calcs/8002/" not in p.topic:
+            continue
+        device, event = p.topic.rsplit("/", 1)
+        interval = json.loads(p.payload)
+        assert "id" not in interval
+        if event == "deleted":
+            shapes.add(tuple(sorted(set(interval) & {"begin", "end"})))
+            open_.pop(device, None)
+            continue
+        if event == "updated":
+            moved += interval["begin"] < open_[device][0]
+        elif device in open_:
+            assert interval["begin"] > open_[device][1], "intervals of a device overlap"
+        open_[device] = (interval["begin"], interval["end"])
+    assert moved, "no update moved an interval's begin"
+    assert shapes == {("begin", "end"), ("end",), ("begin",)}, shapes
 
 
 def test_retained_snapshot_stays_on_the_broker_for_later_subscribers(

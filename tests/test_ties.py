@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirror.batch import coalesce
-from mirror.database import create_engine, migrate
+from mirror.database import create_engine
 from mirror.records import Inbound
 from mirror.store import Store
 from mirror.topics import decode
-from tests.helpers import query
+from tests.helpers import migrated_schema, query
 
 # 1700000000.0000011 and .0000009 are one microsecond in PostgreSQL: a tie at its precision.
 TIMES = [1_700_000_000.0000009, 1_700_000_000.0000011, 1_700_000_000.5, 1_700_000_001.0]
@@ -64,17 +64,7 @@ def _split(messages: list[Inbound], cut: int) -> list[list[Inbound]]:
 
 @pytest.fixture(scope="module")
 def migrated(database):
-    schema = "t_ties"
-    asyncio.run(_migrate(database.url, schema))
-    return database.url, schema
-
-
-async def _migrate(url: str, schema: str) -> None:
-    engine = create_engine(url, schema)
-    try:
-        await migrate(engine, schema)
-    finally:
-        await engine.dispose()
+    return migrated_schema(database.url, "t_ties")
 
 
 FAMILIES = {
