@@ -454,8 +454,9 @@ _OBJECTS_MERGE_WHOLE = text(
 # Patch props with the changed paths only: each path's current row (after this transaction's
 # writes) is set, or its removal applied, when it is newer than the whole payload or the
 # payload does not carry it. Index lookups per changed path: the same cost for an object with
-# 10 or 10,000 properties. An object known only through properties, whose last property is
-# gone, is dropped.
+# 10 or 10,000 properties. A level that removals leave empty goes too unless the payload
+# carries it (what the rebuild gives: migration 0005). An object known only through
+# properties, whose last property is gone, is dropped.
 _OBJECTS_MERGE = text(
     """
     WITH k AS (
@@ -488,7 +489,7 @@ _OBJECTS_MERGE = text(
         RETURNING o.api, o.origin, o.id
     )
     UPDATE objects o
-    SET props = object_patch(o.props, c.changes),
+    SET props = object_patch(o.props, c.changes, o.base),
         ts = greatest(o.ts, c.newest),
         cid = coalesce(c.cid, o.cid)
     FROM c

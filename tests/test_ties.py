@@ -102,3 +102,34 @@ def test_equal_timestamps_end_the_same_in_any_order(migrated, family, updates, o
         asyncio.run(_write(url, schema, _split(messages, cut)))
         results.append(asyncio.run(_rows(url, schema, sql, key)))
     assert results[0] == results[1], (updates, shuffled)
+
+
+def _state(topic: str, value: object, ts: float) -> Inbound:
+    payload = b"" if value is None else json.dumps(value).encode()
+    return Inbound(topic, payload, {"timestamp": repr(ts)}, ts)
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_object_props_are_the_same_whether_patched_or_rebuilt(migrated, together):
+    """A newer whole object, then the removal of a property only properties had made: in one
+    batch props are rebuilt, in two the removal is patched. Both leave no empty level; a level
+    the whole payload carries stays, even emptied."""
+    url, schema = migrated
+    key = next(_keys)
+    base = f"flespi/state/gw/devices/{key}"
+    first = [
+        _state(base, {"id": key, "name": "a", "sensors": {"s1": 1}}, 1.0),
+        _state(f"{base}/connections/77", {"ident": "1"}, 2.0),
+        _state(f"{base}/counters/day/km", 5, 2.0),
+        _state(f"{base}/sensors/s2", 2, 2.0),
+    ]
+    newer = _state(base, {"id": key, "name": "b", "sensors": {"s2": 2}}, 3.0)
+    removals = [
+        _state(f"{base}/connections/77", None, 4.0),
+        _state(f"{base}/counters/day/km", None, 4.0),
+        _state(f"{base}/sensors/s2", None, 4.0),
+    ]
+    later = [[newer, *removals]] if together else [[newer], removals]
+    asyncio.run(_write(url, schema, [first, *later]))
+    sql = "SELECT props FROM objects WHERE id = :k"
+    assert asyncio.run(_rows(url, schema, sql, key)) == [({"id": key, "name": "b", "sensors": {}},)]
