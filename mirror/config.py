@@ -16,6 +16,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
 LOG_TOPIC = "flespi/log/#"  # platform logs: subscribed with --logs
+FILTER_PREFIX = "$filter/"  # flespi's subscription filter: $filter/cid=N/<topic filter>
+
+
+def _without_filter_prefix(topic: str) -> str:
+    """The topic filter behind flespi's ``$filter/<condition>/`` prefix, if it has one."""
+    if topic.startswith(FILTER_PREFIX):
+        return topic[len(FILTER_PREFIX) :].partition("/")[2]
+    return topic
 DEFAULT_SCHEMA = "flespi"
 FLESPI_HOST_SUFFIX = "flespi.io"
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -139,6 +147,7 @@ class Settings:
     client_id: str | None = None
     topics: tuple[str, ...] = DEFAULT_TOPICS
     logs: bool = False  # also subscribe to LOG_TOPIC
+    cids: tuple[str, ...] = ()  # flespi account ids: subscribe with $filter/cid=N/ each
     schema: str = DEFAULT_SCHEMA
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9465
@@ -178,6 +187,15 @@ class Settings:
             )
         if not self.topics:
             raise ConfigError("at least one subscription filter is needed", setting="topics")
+        for cid in self.cids:
+            if not cid.isascii() or not cid.isdigit() or int(cid) <= 0:
+                raise ConfigError(f"{cid!r}: a flespi account id is a positive number", "cids")
+        if self.cids and any(t.startswith(FILTER_PREFIX) for t in self.topics):
+            raise ConfigError(
+                "--cid puts its own $filter/cid=N/ before each --topic; drop it from the "
+                "topics, or drop --cid and keep the $filter/ topics",
+                setting="cids",
+            )
         for name in (
             "batch_size",
             "max_unacked",
@@ -252,10 +270,17 @@ class Settings:
 
     @property
     def filters(self) -> tuple[str, ...]:
-        """--topic filters, plus the platform logs' with --logs."""
+        """--topic filters, plus the platform logs' with --logs; with --cid, each filter once
+        per account under flespi's ``$filter/cid=N/`` prefix."""
+        topics = self.topics
         if self.logs and LOG_TOPIC not in self.topics:
-            return (*self.topics, LOG_TOPIC)
-        return self.topics
+            topics = (*topics, LOG_TOPIC)
+        return self._for_accounts(topics)
+
+    def _for_accounts(self, topics: tuple[str, ...]) -> tuple[str, ...]:
+        if not self.cids:
+            return topics
+        return tuple(f"{FILTER_PREFIX}cid={cid}/{t}" for cid in self.cids for t in topics)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -267,10 +292,14 @@ class Settings:
     @property
     def snapshot_topics(self) -> tuple[str, ...]:
         """Filters that can carry retained state (what a snapshot must subscribe to)."""
-        return tuple(
-            t
-            for t in self.topics
-            if not t.startswith(("flespi/message/", "flespi/interval/", "flespi/log/"))
+        return self._for_accounts(
+            tuple(
+                t
+                for t in self.topics
+                if not _without_filter_prefix(t).startswith(
+                    ("flespi/message/", "flespi/interval/", "flespi/log/")
+                )
+            )
         )
 
     @property

@@ -255,6 +255,15 @@ OPTIONS: tuple[Option, ...] = (
         "Also mirror flespi's platform logs (flespi/log/#) into platform_logs.",
         kind="switch",
     ),
+    Option(
+        "cids",
+        "Mirror only this flespi account (repeatable): each --topic is subscribed under "
+        "flespi's $filter/cid=ID/ prefix. Default: every account the token sees. The "
+        "variable takes a comma-separated list.",
+        kind="list",
+        flag="--cid",
+        metavar="ID",
+    ),
     Option("metrics_host", "Address of the HTTP listener (/metrics, /healthz, /readyz)."),
     Option("metrics_port", "Port of that listener (0: any free port).", parse=integer),
     Option(

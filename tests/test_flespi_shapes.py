@@ -297,3 +297,27 @@ async def test_expired_telemetry_leaves_the_views_and_the_table(broker, settings
             ("battery.level",),
             ("ident",),
         ]
+
+
+def test_cid_subscribes_each_filter_once_per_account_under_flespis_prefix():
+    from mirror.config import ConfigError, Settings
+
+    settings = Settings(cids=("7", "42"), logs=True, share_group="g")
+    assert settings.subscriptions == tuple(
+        f"$share/g/$filter/cid={cid}/{topic}"
+        for cid in (7, 42)
+        for topic in ("flespi/state/#", "flespi/message/#", "flespi/interval/#", "flespi/log/#")
+    )
+    # The retained snapshot asks for state only, of those accounts only.
+    assert settings.snapshot_topics == (
+        "$filter/cid=7/flespi/state/#",
+        "$filter/cid=42/flespi/state/#",
+    )
+    # A $filter/ written in --topic by hand is state or not by the topic behind it.
+    by_hand = Settings(topics=("$filter/cid=7/flespi/state/#", "$filter/cid=7/flespi/message/#"))
+    assert by_hand.snapshot_topics == ("$filter/cid=7/flespi/state/#",)
+    for bad in ("0", "-3", "abc", "\uff11"):  # a fullwidth digit one is not a number here
+        with pytest.raises(ConfigError, match="positive number"):
+            Settings(cids=(bad,))
+    with pytest.raises(ConfigError, match=r"own \$filter"):
+        Settings(cids=("7",), topics=("$filter/cid=8/flespi/state/#",))

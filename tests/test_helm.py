@@ -900,3 +900,11 @@ def test_dockerignore_keeps_the_build_context_to_the_package() -> None:
         for word in copy.split()[:-1]
     }
     assert copied <= included, "the Dockerfile copies something .dockerignore leaves out"
+
+
+def test_accounts_to_mirror_reach_the_daemon_as_one_list() -> None:
+    env = env_of(daemon_container(parse_manifests(render_templates({"config": {"cids": [7, 42]}}))))
+    assert env["MIRROR_CIDS"]["value"] == "7,42"
+    assert "MIRROR_CIDS" not in env_of(daemon_container(render_scenario("chart-defaults")))
+    with pytest.raises(HelmCallError, match="cids"):
+        validate_schema({"config": {"cids": ["all"]}})

@@ -185,3 +185,9 @@ def test_simulate_prints_the_broker_it_publishes_to(broker):
     result = cli("simulate", "--mqtt-url", broker.url, "--duration", "0", "--no-snapshot")
     assert result.returncode == 0, result.stderr
     assert f"to {broker.url}" in result.stdout and f"to {broker.url}" in result.stderr
+
+
+def test_cid_is_a_repeatable_flag_and_a_comma_separated_variable():
+    assert settings_from(values_for(["run", "--cid", "7", "--cid", "42"])).cids == ("7", "42")
+    assert settings_from(values_for(["run"], {"MIRROR_CIDS": "7, 42"})).cids == ("7", "42")
+    assert cli("run", "--cid", "x").returncode == 2
