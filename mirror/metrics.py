@@ -88,7 +88,9 @@ COMMIT_DURATION = Histogram(
 )
 LAG = Histogram(
     f"{PREFIX}_lag_seconds",
-    "End-to-end lag: commit time minus the message's MQTT 'timestamp' user property.",
+    "End-to-end lag: commit time minus when flespi published the message (server.timestamp "
+    "of device and channel messages, the 'timestamp' user property of state updates); "
+    "retained messages and device time are not lag.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
     registry=REGISTRY,
 )
