@@ -17,13 +17,6 @@ DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
 LOG_TOPIC = "flespi/log/#"  # platform logs: subscribed with --logs
 FILTER_PREFIX = "$filter/"  # flespi's subscription filter: $filter/cid=N/<topic filter>
-
-
-def _without_filter_prefix(topic: str) -> str:
-    """The topic filter behind flespi's ``$filter/<condition>/`` prefix, if it has one."""
-    if topic.startswith(FILTER_PREFIX):
-        return topic[len(FILTER_PREFIX) :].partition("/")[2]
-    return topic
 DEFAULT_SCHEMA = "flespi"
 FLESPI_HOST_SUFFIX = "flespi.io"
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -134,6 +127,13 @@ class BrokerAddress:
     @property
     def is_flespi(self) -> bool:
         return self.host == FLESPI_HOST_SUFFIX or self.host.endswith("." + FLESPI_HOST_SUFFIX)
+
+
+def _without_filter_prefix(topic: str) -> str:
+    """The topic filter behind flespi's ``$filter/<condition>/`` prefix, if it has one."""
+    if topic.startswith(FILTER_PREFIX):
+        return topic[len(FILTER_PREFIX) :].partition("/")[2]
+    return topic
 
 
 @dataclass(frozen=True)
