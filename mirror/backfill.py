@@ -33,6 +33,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror import metrics
+from mirror.builders import interval_identity
+from mirror.payloads import Invalid
 from mirror.replay import inbound, write_inbound
 from mirror.rest import RestClient
 from mirror.store import Store
@@ -86,11 +88,21 @@ _EXISTING = text(
                   WHERE d.device_id = :device_id AND d.ts = to_timestamp(u.ts))
     """
 )
-_STORED_INTERVALS = text(
+# Stored intervals wholly inside the window that none of the listed ones is (by flespi's id,
+# else by time span: the rule of intervals_matching, migration 0004).
+_UNLISTED_INTERVALS = text(
     """
-    SELECT interval_id FROM intervals
-    WHERE calc_id = :calc AND device_id = :device AND interval_id IS NOT NULL
-      AND begin >= to_timestamp(:begin) AND "end" <= to_timestamp(:end)
+    SELECT s.interval_id, extract(epoch FROM s.begin), extract(epoch FROM s."end")
+    FROM intervals s
+    WHERE s.calc_id = :calc AND s.device_id = :device
+      AND s.begin >= to_timestamp(:begin) AND s."end" <= to_timestamp(:end)
+      AND NOT EXISTS (
+          SELECT 1
+          FROM unnest(CAST(:keys AS text[]), CAST(:ids AS bigint[]), CAST(:begins AS float8[]),
+                      CAST(:ends AS float8[])) AS l(key, id, b, e),
+               intervals_matching(:calc, :device, l.key, l.id, to_timestamp(l.b),
+                                  to_timestamp(l.e)) m
+          WHERE m.interval_key = s.interval_key)
     """
 )
 _LOAD_PROGRESS = text("SELECT name, value FROM sync_state WHERE name LIKE :prefix")
@@ -271,16 +283,21 @@ class Backfill:
             inbound(f"{base}/updated", _payload(i), _interval_time(i), self.job.cid)
             for i in intervals
         ]
-        listed = {i.get("id") for i in intervals}
+        listed = [_identity(i) for i in intervals]
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                _STORED_INTERVALS,
+                _UNLISTED_INTERVALS,
                 {"calc": calc_id, "device": device_id, "begin": self.job.begin,
-                 "end": self.job.end},
+                 "end": self.job.end, "keys": [k for k, _, _, _ in listed],
+                 "ids": [i for _, i, _, _ in listed], "begins": [b for _, _, b, _ in listed],
+                 "ends": [e for _, _, _, e in listed]},
             )  # fmt: skip
-            gone = [int(i) for (i,) in rows if int(i) not in listed]
+            gone = [
+                {"id": int(i)} if i is not None else {"begin": float(b), "end": float(e)}
+                for i, b, e in rows
+            ]
         messages += [
-            inbound(f"{base}/deleted", _payload({"id": i}), listed_at, self.job.cid) for i in gone
+            inbound(f"{base}/deleted", _payload(g), listed_at, self.job.cid) for g in gone
         ]
         if messages:
             await write_inbound(self.store, messages)
@@ -301,6 +318,19 @@ def _registered(message: dict[str, Any]) -> float:
     if isinstance(server, int | float) and not isinstance(server, bool):
         return float(server)
     return _ts(message) or time.time()
+
+
+def _identity(interval: dict[str, Any]) -> tuple[str, int | None, float | None, float | None]:
+    """(key, id, begin, end) of a listed interval, as the live path keys it. An item the live
+    path would refuse still keeps the row of its id, if it has a usable one (it is listed,
+    so it is not gone); otherwise it matches nothing."""
+    try:
+        return interval_identity(interval, "updated")
+    except Invalid:
+        raw_id = interval.get("id")
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            return f"id:{raw_id}", raw_id, None, None
+        return "", None, None, None
 
 
 def _interval_time(interval: dict[str, Any]) -> float:

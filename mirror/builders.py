@@ -123,7 +123,7 @@ def customer(f: Fields, msg: Inbound, cid: int | None) -> Record:
     return whole_object(fields, msg, cid)
 
 
-def _interval_key(
+def interval_identity(
     value: dict[str, Any], event: str
 ) -> tuple[str, int | None, float | None, float | None]:
     """(key, id, begin, end). The key of a new row: flespi's id, else the begin. Which stored
@@ -192,7 +192,7 @@ def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
     if event in _ACTIVATION_EVENTS:
         return _activation(f, msg, cid)
     text, value = _interval_payload(event, msg)
-    interval_key, raw_id, begin, end = _interval_key(value, event)
+    interval_key, raw_id, begin, end = interval_identity(value, event)
     if begin is not None:
         checked_timestamp(begin, "interval begin", msg.received_at)
     if end is not None:

@@ -59,15 +59,18 @@ class AccountRecord:
 
     # -- recording -------------------------------------------------------------------------
 
-    def observe(self, topic: str, payload: bytes, timestamp: float) -> None:
-        """Record one publication the account made (``timestamp``: its user property)."""
+    def observe(
+        self, topic: str, payload: bytes, timestamp: float, interval: int | None = None
+    ) -> None:
+        """Record one publication the account made (``timestamp``: its user property;
+        ``interval``: the simulator's identity of an interval its event does not name)."""
         levels = topic.split("/")
         with self._lock:
             if levels[:4] == ["flespi", "message", "gw", "devices"] and len(levels) >= 5:
                 value = json.loads(payload)
                 self._device(int(levels[4])).messages[float(value["timestamp"])] = payload
             elif levels[:4] == ["flespi", "interval", "gw", "calcs"] and len(levels) == 8:
-                self._interval(int(levels[4]), int(levels[6]), levels[7], payload)
+                self._interval(int(levels[4]), int(levels[6]), levels[7], payload, interval)
             elif levels[:4] == ["flespi", "state", "gw", "devices"] and len(levels) >= 5:
                 self._device_state(int(levels[4]), levels[5:], payload, timestamp)
             elif levels[:4] == ["flespi", "state", "gw", "plugins"] and len(levels) == 7:
@@ -79,18 +82,32 @@ class AccountRecord:
 
     def published(self, publication: Publication, timestamp: float) -> None:
         """A ``run_simulation`` observer: what the simulator publishes goes into the record."""
-        self.observe(publication.topic, publication.payload, timestamp)
+        self.observe(publication.topic, publication.payload, timestamp, publication.interval)
 
     def _device(self, device_id: int) -> _Device:
         return self._devices.setdefault(device_id, _Device())
 
-    def _interval(self, calc_id: int, device_id: int, event: str, payload: bytes) -> None:
+    def _interval(
+        self, calc_id: int, device_id: int, event: str, payload: bytes, identity: int | None
+    ) -> None:
+        """Intervals are kept by flespi's id, or by the simulator's identity of one whose
+        events carry none; the REST answer lists each as it was last published (without an
+        id when its events have none: what flespi lists for such a calculator is
+        UNCONFIRMED)."""
+        if event not in ("created", "updated", "deleted"):
+            return  # activation events: the calculator's state, not an interval
         interval = json.loads(payload)
         intervals = self._intervals.setdefault((calc_id, device_id), {})
+        key = interval.get("id", identity)
+        if key is None and event == "deleted":  # a deletion published by hand: by its span
+            span = (interval.get("begin"), interval.get("end"))
+            key = next((k for k, p in intervals.items() if _span(p) == span), None)
+        if key is None:
+            raise ValueError(f"an interval event without an id or the simulator's: {payload!r}")
         if event == "deleted":
-            intervals.pop(int(interval["id"]), None)
-        elif event in ("created", "updated"):
-            intervals[int(interval["id"])] = payload
+            intervals.pop(int(key), None)
+        else:
+            intervals[int(key)] = payload
 
     def _device_state(
         self, device_id: int, rest: list[str], payload: bytes, timestamp: float
@@ -126,10 +143,16 @@ class AccountRecord:
         with self._lock:
             return [(i, p) for i, d in self._devices.items() for p in d.messages.values()]
 
-    def intervals(self) -> list[tuple[int, int, int]]:
-        """Every current interval as (calc id, device id, interval id)."""
+    def intervals(self) -> list[tuple[int, int, int | tuple[float, float]]]:
+        """Every current interval as (calc id, device id, identity): flespi's interval id, or
+        (begin, end) of an interval published without one."""
         with self._lock:
-            return [(c, d, i) for (c, d), found in self._intervals.items() for i in found]
+            return [
+                (c, d, i if "id" in interval else (interval["begin"], interval["end"]))
+                for (c, d), found in self._intervals.items()
+                for i, payload in found.items()
+                for interval in (json.loads(payload),)
+            ]
 
     # -- answering -------------------------------------------------------------------------
 
@@ -224,6 +247,11 @@ class AccountRecord:
             if float(interval["end"]) >= begin and float(interval["begin"]) <= end:
                 picked.append(payload)
         return _result_raw(picked)
+
+
+def _span(payload: bytes) -> tuple[Any, Any]:
+    interval = json.loads(payload)
+    return interval.get("begin"), interval.get("end")
 
 
 def _result(items: Iterable[Any]) -> bytes:

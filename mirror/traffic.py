@@ -11,6 +11,7 @@ Deterministic for a given seed; only the timestamps are real wall-clock time, as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -106,6 +107,9 @@ class Publication:
     retain: bool
     cid: int = ACCOUNT_ID  # the account it belongs to (the cid user property)
     expiry: int | None = None  # MQTT 5 message expiry, seconds
+    # The simulator's own identity of an interval whose event does not carry its id (the
+    # calculator without ids): for the simulated account's record, never published.
+    interval: int | None = None
 
 
 @dataclass
@@ -493,6 +497,8 @@ class TrafficGenerator:
         else:
             event = "deleted"
             device.interval = None
+        if event == "deleted":
+            device.interval_floor = interval.end  # flespi's intervals of a device never overlap
         payload: dict[str, Any] = {
             "id": interval.id,
             "begin": interval.begin,
@@ -510,7 +516,8 @@ class TrafficGenerator:
                 fields = rng.choice((("begin", "end"), ("end",), ("begin",)))
                 payload = {k: payload[k] for k in (*fields, "timestamp")}
         topic = f"flespi/interval/gw/calcs/{calc}/devices/{device.id}/{event}"
-        return self._of(device, "interval", topic, _json(payload), False)
+        publication = self._of(device, "interval", topic, _json(payload), False)
+        return dataclasses.replace(publication, interval=interval.id) if spans else publication
 
     def _sms(self, device: SimulatedDevice) -> Publication:
         payload = {

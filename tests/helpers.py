@@ -26,6 +26,7 @@ from mirror.config import Secret, Settings
 from mirror.database import create_engine, migrate
 from mirror.metrics import Health
 from mirror.pipeline import Mirror
+from mirror.records import Inbound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,16 @@ def migrated_schema(url: str, schema: str) -> tuple[str, str]:
 
     asyncio.run(run())
     return url, schema
+
+
+def interval_event(device: int, name: str, payload: dict[str, Any], ts: float) -> Inbound:
+    """An interval event of calculator 9 as the broker hands it over (``timestamp`` ts)."""
+    topic = f"flespi/interval/gw/calcs/9/devices/{device}/{name}"
+    return Inbound(topic, json.dumps(payload).encode(), {"timestamp": repr(ts)}, ts)
+
+
+def interval_span(begin: float, end: float, **counters: Any) -> dict[str, Any]:
+    return {"begin": begin, "end": end, "duration": end - begin, **counters}
 
 
 async def query(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:

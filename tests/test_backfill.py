@@ -69,6 +69,20 @@ async def assert_every_recorded_message_stored_once(
     assert not extra, f"{len(extra)} stored messages are not in the record"
 
 
+async def stored_intervals(engine) -> set[tuple[int, int, int | tuple[float, float]]]:
+    """(calc, device, flespi id or (begin, end)) of every stored interval, as the record
+    lists them."""
+    rows = await query(
+        engine,
+        "SELECT calc_id, device_id, interval_id, extract(epoch FROM begin),"
+        ' extract(epoch FROM "end") FROM intervals',
+    )
+    return {
+        (int(c), int(d), int(i) if i is not None else (float(b), float(e)))
+        for c, d, i, b, e in rows
+    }
+
+
 async def test_after_an_expired_session_every_message_is_stored_once_and_deletions_are_gone(
     broker: MosquittoBroker,
     database: TestDatabase,
@@ -90,10 +104,14 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
     gone_device = FIRST_DEVICE_ID + 3
     gone_param = (FIRST_DEVICE_ID + 2, "battery.level")
     calc, device, gone_interval = next(i for i in record.intervals() if i[1] != gone_device)
+    if isinstance(gone_interval, int):
+        deletion: dict[str, object] = {"id": gone_interval}
+    else:  # an interval without a flespi id: deleted by its span
+        deletion = {"begin": gone_interval[0], "end": gone_interval[1]}
     with publisher(broker.url) as pub:
         topic = f"flespi/interval/gw/calcs/{calc}/devices/{device}/deleted"
-        pub.publish(topic, {"id": gone_interval}, time.time())
-        record.observe(topic, json.dumps({"id": gone_interval}).encode(), time.time())
+        pub.publish(topic, deletion, time.time())
+        record.observe(topic, json.dumps(deletion).encode(), time.time())
         for topic in (
             f"flespi/state/gw/devices/{gone_device}",
             f"flespi/state/gw/devices/{gone_param[0]}/telemetry/{gone_param[1]}",
@@ -107,11 +125,13 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
         assert await _repair_done(engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(engine, record)
-        rows = await query(engine, "SELECT calc_id, device_id, interval_id FROM intervals")
+        stored = await stored_intervals(engine)
         assert record.intervals()
-        # those created meanwhile are there, and those deleted meanwhile are gone
-        assert set(record.intervals()) == {(int(c), int(d), int(i)) for c, d, i in rows}
-        assert (calc, device, gone_interval) not in {tuple(map(int, r)) for r in rows}
+        # those created meanwhile are there, and those deleted meanwhile are gone; intervals
+        # without a flespi id (calculator 8002) as their span is now, begin moves included
+        assert set(record.intervals()) == stored
+        assert any(isinstance(i[2], tuple) for i in stored), "no interval without an id"
+        assert (calc, device, gone_interval) not in stored
         objects = await query(engine, "SELECT id FROM objects WHERE origin = 'devices'")
         assert gone_device not in {int(r[0]) for r in objects}
         assert len(objects) == DEVICES - 1
@@ -295,5 +315,51 @@ async def test_the_reconcile_command_deletes_what_flespi_lost_and_refuses_to_emp
         assert "refusing" in refused.stdout
         assert before > 0
         assert (await query(engine, still, d=FIRST_DEVICE_ID + 1))[0][0] == before
+    finally:
+        await engine.dispose()
+
+
+async def test_a_backfill_matches_intervals_without_ids_by_their_span(
+    broker: MosquittoBroker, database: TestDatabase, schema_name: str, record: AccountRecord,
+    responder: RestResponder,
+) -> None:  # fmt: skip
+    """flespi lists what it holds; stored intervals without an id are matched to the listed
+    ones by time span: one moved its begin (updated in place), one is gone (deleted), one
+    outside the window is left alone."""
+    from mirror.backfill import Backfill, BackfillJob
+    from mirror.batch import coalesce
+    from mirror.config import Settings
+    from mirror.rest_carrier import standalone_rest_client
+    from mirror.store import Store
+    from mirror.topics import decode
+    from tests.helpers import interval_event as event
+    from tests.helpers import interval_span as span
+
+    ts = float(int(time.time()) - 600)  # whole seconds: compared exactly below
+    live = [
+        event(1, "created", span(ts, ts + 60, mileage=1), ts + 60),  # moves its begin meanwhile
+        event(1, "created", span(ts + 100, ts + 160), ts + 160),  # deleted meanwhile
+        event(1, "created", span(ts - 9000, ts - 8000), ts - 8000),  # before the window
+    ]
+    now = span(ts - 20, ts + 90, mileage=4)
+    record.observe(live[0].topic.replace("/created", "/updated"), json.dumps(now).encode(), ts, 1)
+    engine = create_engine(database.url, schema_name)
+    try:
+        await migrate(engine, schema_name)
+        await Store(engine).write(coalesce((m, decode(m)) for m in live))
+        async with standalone_rest_client(Settings(mqtt_url=broker.url)) as rest:
+            job = BackfillJob("t", ts - 3600, time.time(), devices=(), intervals=True)
+            backfill = Backfill(rest, engine, job)
+            await backfill._intervals(9, 1)
+        rows = await query(
+            engine,
+            "SELECT interval_id, extract(epoch FROM begin), extract(epoch FROM \"end\"),"
+            " data->>'mileage' FROM intervals ORDER BY 2",
+        )
+        assert [(i, float(b), float(e), m) for i, b, e, m in rows] == [
+            (None, ts - 9000, ts - 8000, None),
+            (None, ts - 20, ts + 90, "4"),
+        ]
+        assert (backfill.report.intervals, backfill.report.intervals_deleted) == (1, 1)
     finally:
         await engine.dispose()

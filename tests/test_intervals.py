@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,18 +22,11 @@ from mirror.records import Inbound, Reason, Rejection
 from mirror.store import Store
 from mirror.topics import decode
 from tests.helpers import Publisher, migrated_schema, query, running_mirror, settings_for, settle
+from tests.helpers import interval_event as event
+from tests.helpers import interval_span as span
 
 TS = 1_731_990_000.0
 _devices = itertools.count(1)
-
-
-def event(device: int, name: str, payload: dict[str, object], ts: float) -> Inbound:
-    topic = f"flespi/interval/gw/calcs/9/devices/{device}/{name}"
-    return Inbound(topic, json.dumps(payload).encode(), {"timestamp": repr(ts)}, ts)
-
-
-def span(begin: float, end: float, **counters: object) -> dict[str, object]:
-    return {"begin": begin, "end": end, "duration": end - begin, **counters}
 
 
 @pytest.fixture(scope="module")
