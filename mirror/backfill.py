@@ -89,20 +89,22 @@ _EXISTING = text(
     """
 )
 # Stored intervals wholly inside the window that none of the listed ones is (by flespi's id,
-# else by time span: the rule of intervals_matching, migration 0004).
+# else by time span: the rule of intervals_matching, migration 0004), each listed item matched
+# once.
 _UNLISTED_INTERVALS = text(
     """
+    WITH listed AS (
+        SELECT DISTINCT m.interval_key
+        FROM unnest(CAST(:keys AS text[]), CAST(:ids AS bigint[]), CAST(:begins AS float8[]),
+                    CAST(:ends AS float8[])) AS l(key, id, b, e),
+             intervals_matching(:calc, :device, l.key, l.id, to_timestamp(l.b),
+                                to_timestamp(l.e)) m
+    )
     SELECT s.interval_id, extract(epoch FROM s.begin), extract(epoch FROM s."end")
     FROM intervals s
     WHERE s.calc_id = :calc AND s.device_id = :device
       AND s.begin >= to_timestamp(:begin) AND s."end" <= to_timestamp(:end)
-      AND NOT EXISTS (
-          SELECT 1
-          FROM unnest(CAST(:keys AS text[]), CAST(:ids AS bigint[]), CAST(:begins AS float8[]),
-                      CAST(:ends AS float8[])) AS l(key, id, b, e),
-               intervals_matching(:calc, :device, l.key, l.id, to_timestamp(l.b),
-                                  to_timestamp(l.e)) m
-          WHERE m.interval_key = s.interval_key)
+      AND s.interval_key NOT IN (SELECT interval_key FROM listed)
     """
 )
 _LOAD_PROGRESS = text("SELECT name, value FROM sync_state WHERE name LIKE :prefix")

@@ -146,13 +146,13 @@ class AccountRecord:
     def intervals(self) -> list[tuple[int, int, int | tuple[float, float]]]:
         """Every current interval as (calc id, device id, identity): flespi's interval id, or
         (begin, end) of an interval published without one."""
+        listed: list[tuple[int, int, int | tuple[float, float]]] = []
         with self._lock:
-            return [
-                (c, d, i if "id" in interval else (interval["begin"], interval["end"]))
-                for (c, d), found in self._intervals.items()
-                for i, payload in found.items()
-                for interval in (json.loads(payload),)
-            ]
+            for (calc, device), found in self._intervals.items():
+                for key, payload in found.items():
+                    has_id = "id" in json.loads(payload)
+                    listed.append((calc, device, key if has_id else _span(payload)))
+        return listed
 
     # -- answering -------------------------------------------------------------------------
 
