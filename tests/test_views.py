@@ -138,6 +138,25 @@ async def test_one_devices_position_is_an_index_lookup(engine):
     assert "telemetry" not in plan, plan
 
 
+async def test_all_positions_join_their_accounts_instead_of_a_lookup_per_row(engine):
+    """A correlated subquery for cid ran once per device (and pushed the plan into JIT)."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "INSERT INTO telemetry (device_id, name, value, ts, received_at) "
+            "SELECT d, n, to_jsonb(d % 90), now(), now() FROM generate_series(1, 5000) d, "
+            "unnest(ARRAY['position.latitude', 'position.longitude']) n"
+        )
+        await conn.exec_driver_sql(
+            "INSERT INTO objects (api, origin, id, props, ts, received_at, cid) "
+            "SELECT 'gw', 'devices', d, '{}', now(), now(), 7 FROM generate_series(1, 5000) d"
+        )
+        for table in ("telemetry", "device_position_parts", "objects"):
+            await conn.exec_driver_sql(f"ANALYZE {table}")
+    assert await query(engine, "SELECT count(*), min(cid) FROM device_positions") == [(5000, 7)]
+    plan = "\n".join(r[0] for r in await query(engine, "EXPLAIN SELECT * FROM device_positions"))
+    assert "SubPlan" not in plan and "Join" in plan, plan
+
+
 async def test_two_writers_of_one_device_leave_its_full_position(engine):
     """Workers of a share group may write one device's latitude and longitude at once."""
     async with engine.connect() as first, engine.connect() as second:
