@@ -251,3 +251,14 @@ async def test_the_live_path_keeps_one_row_per_interval(broker, database, schema
         await settle(running)
         assert await query(running.engine, "SELECT count(*) FROM intervals") == [(0,)]
         assert await query(running.engine, "SELECT count(*) FROM dead_letters") == [(0,)]
+
+
+def test_an_event_without_id_never_merges_two_intervals_with_ids(migrated):
+    d = next(_devices)
+    rows = write(
+        migrated,
+        [event(d, "created", {"id": 1, **span(100, 200)}, TS)],
+        [event(d, "created", {"id": 2, **span(200, 300)}, TS)],
+        [event(d, "updated", span(150, 250, mileage=3), TS + 1)],  # spans both
+    )
+    assert sorted(r[1] for r in rows) == [1, 2]

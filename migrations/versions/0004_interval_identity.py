@@ -82,8 +82,8 @@ MATCHING = """
 # and leaves tombstones; an update is refused by a matching tombstone as new or newer and by
 # a matching row that is newer (at one time, greater), else it becomes the first matching row
 # (the row of its key, else one with a flespi id, else the earliest) and the other matching
-# rows, now known to be the same interval, are merged into it. Returns a row per interval
-# deleted or written.
+# rows without an id, now known to be the same interval, are merged into it. Returns a row per
+# interval deleted or written.
 APPLY = """
     CREATE FUNCTION {s}.intervals_apply(
         p_calc_id bigint[], p_device_id bigint[], p_key text[], p_id bigint[],
@@ -161,10 +161,12 @@ APPLY = """
                 CONTINUE;
             END IF;
             primary_row := targets[1];
+            -- Merged: the other matching rows without an id (two intervals with flespi ids
+            -- are two intervals, whatever an event without one says).
             DELETE FROM {s}.intervals i
             USING unnest(targets[2:]) AS merged
             WHERE i.calc_id = merged.calc_id AND i.device_id = merged.device_id
-              AND i.interval_key = merged.interval_key;
+              AND i.interval_key = merged.interval_key AND merged.interval_id IS NULL;
             UPDATE {s}.intervals i
             SET interval_key = CASE WHEN ev.id IS NULL THEN i.interval_key ELSE ev.key END,
                 interval_id = coalesce(ev.id, i.interval_id), "begin" = ev.b, "end" = ev.e,
