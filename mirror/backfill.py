@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror import metrics
 from mirror.builders import interval_identity
+from mirror.history import DEVICE_MESSAGES, existing_times
 from mirror.payloads import Invalid
 from mirror.replay import inbound, write_inbound
 from mirror.rest import RestClient
@@ -81,13 +82,7 @@ class BackfillReport:
 
 Progress = Callable[[int, int], None]  # (streams finished, messages fetched) since last call
 
-_EXISTING = text(
-    """
-    SELECT u.i FROM unnest(CAST(:ts AS float8[])) WITH ORDINALITY AS u(ts, i)
-    WHERE EXISTS (SELECT 1 FROM device_messages d
-                  WHERE d.device_id = :device_id AND d.ts = to_timestamp(u.ts))
-    """
-)
+_EXISTING = existing_times(DEVICE_MESSAGES)
 # Stored intervals wholly inside the window that none of the listed ones is (by flespi's id,
 # else by time span: the rule of intervals_matching, migration 0004), each listed item matched
 # once.

@@ -142,6 +142,24 @@ MAINTENANCE_ERRORS = Counter(
     "Failed runs of history partition maintenance (retried every maintenance interval).",
     registry=REGISTRY,
 )
+COMPACTED = Counter(
+    f"{PREFIX}_compacted_messages_total",
+    "Messages moved from a history table's recent tier into its packed hours, by table.",
+    ["table"],
+    registry=REGISTRY,
+)
+COMPACTION_ERRORS = Counter(
+    f"{PREFIX}_compaction_errors_total",
+    "Failed compaction steps (nothing moved; retried on the next pass).",
+    registry=REGISTRY,
+)
+COMPACTION_BACKLOG = Gauge(
+    f"{PREFIX}_compaction_backlog_seconds",
+    "How far compaction is behind: the age of the oldest message that is due to be packed, "
+    "beyond --compact-after (0 when caught up).",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 DATABASE_ERROR_KINDS = ("unavailable", "held", "refused")
 DATABASE_ERRORS = Counter(
     f"{PREFIX}_database_errors_total",

@@ -336,6 +336,13 @@ OPTIONS: tuple[Option, ...] = (
         parse=integer,
     ),
     Option(
+        "compact_after",
+        "Pack device and channel messages older than this many hours into one compressed row "
+        "per device (channel and ident) and hour, about a tenth of the size (docs/sizing.md); "
+        "0 leaves every message a row of its own.",
+        parse=number,
+    ),
+    Option(
         "tombstone_days",
         "Remember deletions this long, so late redeliveries cannot resurrect rows. Keep it "
         "above the session expiry; 0 keeps them forever.",

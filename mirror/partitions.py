@@ -1,8 +1,9 @@
 """Upkeep of the schema: day partitions of the history tables made ahead and dropped by
 retention, and old tombstones pruned.
 
-``device_messages``, ``channel_messages`` and ``modem_messages`` are partitioned by range of
-``ts`` (PostgreSQL declarative partitioning, created by the migration with a DEFAULT partition).
+The history tables (``schema.HISTORY_TABLES``) are partitioned by range of ``ts`` (the packed
+``*_hours`` tables by ``hour``; PostgreSQL declarative partitioning, created by the migration
+with a DEFAULT partition).
 The daemon keeps one partition per UTC day from yesterday to ``days_ahead`` days ahead, so a
 query over a time range touches only its days and a day of history is dropped in one statement.
 Rows outside the prepared days (a device replaying last month's buffer, a GPS week rollover to
@@ -22,10 +23,10 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mirror.schema import HISTORY_TABLES, metadata
+from mirror.schema import HISTORY_TABLES, metadata, partition_key
 
 log = logging.getLogger(__name__)
 
@@ -84,43 +85,60 @@ async def _existing_days(conn: AsyncConnection, table: str) -> dict[dt.date, _Pa
 
 
 async def _default_days(
-    conn: AsyncConnection, table: str, since: dt.date | None
+    conn: AsyncConnection, table: Table, since: dt.date | None
 ) -> list[dt.date]:
     """The UTC days of the rows in the default partition (from ``since``, when given)."""
-    query = f"SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM {table}_default"
+    key = partition_key(table)
+    query = f"SELECT DISTINCT ({key} AT TIME ZONE 'UTC')::date FROM {table.name}_default"
     params: dict[str, object] = {}
     if since is not None:
-        query += " WHERE ts >= :since"
+        query += f" WHERE {key} >= :since"
         params["since"] = dt.datetime.fromisoformat(_bound(since))
     rows = await conn.execute(text(query), params)
     return sorted(day for (day,) in rows)
 
 
-async def _create_day(conn: AsyncConnection, table: str, day: dt.date) -> int:
+async def create_day(conn: AsyncConnection, table: Table, day: dt.date) -> int:
     """Create the day's partition, moving its rows out of the default partition first."""
     lo, hi = _bound(day), _bound(day + DAY)
     params = {"lo": dt.datetime.fromisoformat(lo), "hi": dt.datetime.fromisoformat(hi)}
-    parent, default = _quote(conn, table), _quote(conn, f"{table}_default")
+    parent, default = _quote(conn, table.name), _quote(conn, f"{table.name}_default")
+    key = partition_key(table)
     await conn.execute(
         text(
             f"CREATE TEMP TABLE moving ON COMMIT DROP AS "
-            f"SELECT * FROM {default} WHERE ts >= :lo AND ts < :hi"
+            f"SELECT * FROM {default} WHERE {key} >= :lo AND {key} < :hi"
         ),
         params,
     )
     moved = (
-        await conn.execute(text(f"DELETE FROM {default} WHERE ts >= :lo AND ts < :hi"), params)
+        await conn.execute(
+            text(f"DELETE FROM {default} WHERE {key} >= :lo AND {key} < :hi"), params
+        )
     ).rowcount
+    options = table.info.get("partition_options")
     await conn.execute(
         text(
-            f"CREATE TABLE {_quote(conn, partition_name(table, day))} PARTITION OF {parent} "
-            f"FOR VALUES FROM ('{lo}') TO ('{hi}')"
+            f"CREATE TABLE {_quote(conn, partition_name(table.name, day))} PARTITION OF {parent} "
+            f"FOR VALUES FROM ('{lo}') TO ('{hi}')" + (f" WITH ({options})" if options else "")
         )
     )
     if moved:
         await conn.execute(text(f"INSERT INTO {parent} SELECT * FROM moving"))
     await conn.execute(text("DROP TABLE moving"))
     return max(moved, 0)
+
+
+async def ensure_day(engine: AsyncEngine, table: Table, day: dt.date) -> bool:
+    """Make the day's partition of ``table`` unless it exists; True when it was made. Waits at
+    most a second for the locks (readers of the table), so that it never queues writers."""
+    async with engine.begin() as conn:
+        await conn.execute(text("SET LOCAL lock_timeout = '1s'"))
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": _LOCK_KEY})
+        if day in await _existing_days(conn, table.name):
+            return False
+        await create_day(conn, table, day)
+    return True
 
 
 async def maintain(
@@ -139,21 +157,22 @@ async def maintain(
     report = PartitionReport()
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": _LOCK_KEY})
-        for table in (t.name for t in HISTORY_TABLES):
+        for history in HISTORY_TABLES:
+            table = history.name
             existing = await _existing_days(conn, table)
             made = set(existing)
             for offset in range(-1, days_ahead + 1):
                 day = today + offset * DAY
                 if day not in made:
-                    report.moved_rows += await _create_day(conn, table, day)
+                    report.moved_rows += await create_day(conn, history, day)
                     report.created.append(partition_name(table, day))
                     made.add(day)
             # Back-dated (or far-ahead) device time: its days get partitions too, so the rows
             # leave the default partition and retention drops them a day at a time.
             since = today - retention_days * DAY if retention_days > 0 else None
-            for day in await _default_days(conn, table, since):
+            for day in await _default_days(conn, history, since):
                 if day not in made:
-                    report.moved_rows += await _create_day(conn, table, day)
+                    report.moved_rows += await create_day(conn, history, day)
                     report.created.append(partition_name(table, day))
                     made.add(day)
             if retention_days > 0:
@@ -162,8 +181,11 @@ async def maintain(
                     if day + DAY <= cutoff and partition.ours:
                         await conn.execute(text(f"DROP TABLE {_quote(conn, partition.name)}"))
                         report.dropped.append(partition.name)
+                key = partition_key(history)
                 expired = await conn.execute(
-                    text(f"DELETE FROM {_quote(conn, table + '_default')} WHERE ts < :cutoff"),
+                    text(
+                        f"DELETE FROM {_quote(conn, table + '_default')} WHERE {key} < :cutoff"
+                    ),
                     {"cutoff": dt.datetime.fromisoformat(_bound(cutoff))},
                 )
                 report.expired_default_rows += max(expired.rowcount, 0)

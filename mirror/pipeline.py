@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics, partitions, resync
+from mirror import compaction, metrics, partitions, resync
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
@@ -116,6 +116,8 @@ class Mirror:
             asyncio.create_task(self._gauge_loop(), name="gauges"),
             asyncio.create_task(self._expiry_loop(), name="telemetry-expiry"),
         ]
+        if self.settings.compact_after > 0:
+            helpers.append(asyncio.create_task(self._compaction_loop(), name="compaction"))
         if self.settings.share_group:
             helpers.append(asyncio.create_task(self._snapshot(), name="retained-snapshot"))
         elif await ask_for_missing_retained_state(self.source, self.engine) or self._resync:
@@ -201,6 +203,32 @@ class Mirror:
             except Exception as exc:  # retried next minute; nothing is lost meanwhile
                 metrics.MAINTENANCE_ERRORS.inc()
                 log.warning("telemetry expiry failed (will retry): %s", exc)
+
+    async def _compaction_loop(self) -> None:
+        """Pack past hours of message history (compaction.py), paced so that ingestion keeps
+        the database most of the time: after each step, a pause of ``compaction_pause`` times
+        its duration. A failed pass is counted, logged and retried: nothing moved, nothing lost.
+        """
+        s = self.settings
+
+        async def pause(took: float) -> None:
+            await asyncio.sleep(took * s.compaction_pause)
+
+        while True:
+            caught_up = True
+            try:
+                report = await compaction.compact(
+                    self.engine, after_hours=s.compact_after, pause=pause
+                )
+                caught_up = report.caught_up or report.busy
+                metrics.COMPACTION_BACKLOG.set(report.backlog)
+                if report.days:
+                    await compaction.vacuum_days(self.engine, report.days)
+            except Exception as exc:
+                metrics.COMPACTION_ERRORS.inc()
+                log.warning("compaction failed (nothing moved; will retry): %s", exc)
+            if caught_up:
+                await asyncio.sleep(s.compaction_interval)
 
     async def _maintenance_loop(self) -> None:
         while True:

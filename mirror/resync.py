@@ -45,6 +45,17 @@ class RepairPlan:
         return BackfillJob(f"gap:{self.begin:.6f}:{self.end:.6f}", self.begin, self.end)
 
 
+# The newest device message in either tier (index lookups, never a scan of packed hours).
+NEWEST_MESSAGE = text(
+    """
+    SELECT extract(epoch FROM greatest(
+        (SELECT max(ts) FROM device_messages_recent),
+        (SELECT max(last_ts) FROM device_message_hours
+         WHERE hour = (SELECT max(hour) FROM device_message_hours))))
+    """
+)
+
+
 async def plan_repair(
     engine: AsyncEngine, session_present: bool, overlap: float = DEFAULT_OVERLAP
 ) -> RepairPlan | None:
@@ -58,7 +69,7 @@ async def plan_repair(
         if session_present:
             return None
         newest = (
-            await conn.execute(text("SELECT extract(epoch FROM max(ts)) FROM device_messages"))
+            await conn.execute(NEWEST_MESSAGE)
         ).scalar()
         held = (await conn.execute(text("SELECT EXISTS (SELECT 1 FROM objects)"))).scalar()
         if newest is None and not held:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 
 from sqlalchemy import (
+    REAL,
     BigInteger,
+    Boolean,
     Column,
     Computed,
     Double,
@@ -24,12 +26,14 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.sql.schema import SchemaItem
+from sqlalchemy.types import UserDefinedType
 
 metadata = MetaData()
 
@@ -205,8 +209,13 @@ intervals_tombstones = _tombstones(
     ),
 )
 
-device_messages = Table(
-    "device_messages",
+# History in two tiers (see history.py). Each message lands in a ``*_recent`` table, one row
+# per message as before; the daemon's compaction moves the hours older than --compact-after into
+# a ``*_hours`` table, one row per device (channel and ident) and UTC hour, the messages packed
+# into arrays and one lz4-compressed JSON array. The views ``device_messages`` and
+# ``channel_messages`` (migration 0007) show both tiers as one table.
+device_messages_recent = Table(
+    "device_messages_recent",
     metadata,
     Column("device_id", BigInteger, nullable=False),
     Column("ts", TS, nullable=False, comment="message 'timestamp' (device time)"),
@@ -217,14 +226,73 @@ device_messages = Table(
     Column("received_at", TS, nullable=False),
     _cid(),
     PrimaryKeyConstraint("device_id", "ts", "digest"),
-    Index("device_messages_ts_idx", "ts"),
-    Index("device_messages_cid_ts_idx", "cid", "ts"),
-    comment="Every device message, each stored once.",
+    Index("device_messages_recent_ts_idx", "ts"),
+    Index("device_messages_recent_cid_ts_idx", "cid", "ts"),
+    comment="Device messages of the hours not compacted yet, each stored once "
+    "(read them through the device_messages view).",
     postgresql_partition_by="RANGE (ts)",
 )
 
-channel_messages = Table(
-    "channel_messages",
+
+def _packed(*columns: Column[object], key: tuple[str, ...]) -> tuple[SchemaItem, ...]:
+    """The columns every ``*_hours`` table shares: one element per message, in (ts, digest)
+    order, and the messages as one JSON array."""
+    return (
+        Column("hour", TS, nullable=False, comment="the UTC hour the messages' ts fall in"),
+        Column("messages", Integer, nullable=False, comment="messages in the row"),
+        Column("first_ts", TS, nullable=False),
+        Column("last_ts", TS, nullable=False),
+        Column(
+            "ts_offsets",
+            ARRAY(Integer),
+            nullable=False,
+            comment="each message's ts: microseconds after hour, minus 1,800,000,000",
+        ),
+        Column("digests", LargeBinary, nullable=False, comment="the 16-byte MD5s, concatenated"),
+        Column("server_ts", ARRAY(TS), nullable=False),
+        Column("received_at", ARRAY(TS), nullable=False),
+        Column("cids", ARRAY(BigInteger), nullable=False),
+        *columns,
+        Column("payloads", JSONB, nullable=False, comment="the messages, a JSON array"),
+        PrimaryKeyConstraint(*key, "hour"),
+    )
+
+
+class Box(UserDefinedType[object]):
+    """PostgreSQL's built-in ``box`` (a GiST-indexable rectangle), not modelled by SQLAlchemy."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_: object) -> str:
+        return "box"
+
+
+device_message_hours = Table(
+    "device_message_hours",
+    metadata,
+    Column("device_id", BigInteger, nullable=False),
+    *_packed(
+        Column("idents", ARRAY(Text), nullable=False),
+        Column("latitude", ARRAY(Double), nullable=False),
+        Column("longitude", ARRAY(Double), nullable=False),
+        Column("altitude", ARRAY(REAL), nullable=False),
+        Column("speed", ARRAY(REAL), nullable=False),
+        Column("direction", ARRAY(REAL), nullable=False),
+        Column("satellites", ARRAY(SmallInteger), nullable=False),
+        Column("valid", ARRAY(Boolean), nullable=False),
+        Column("bbox", Box(), comment="longitude/latitude bounds of the hour's positions"),
+        key=("device_id",),
+    ),
+    Index("device_message_hours_hour_idx", "hour"),
+    Index("device_message_hours_bbox_idx", "bbox", postgresql_using="gist"),
+    comment="Device messages of past hours, one row per device and hour "
+    "(read them through the device_messages view).",
+    postgresql_partition_by="RANGE (hour)",
+    info={"partition_options": "toast_tuple_target = 128"},
+)
+
+channel_messages_recent = Table(
+    "channel_messages_recent",
     metadata,
     Column("channel_id", BigInteger, nullable=False),
     Column("ident", Text, nullable=False),
@@ -235,10 +303,24 @@ channel_messages = Table(
     Column("received_at", TS, nullable=False),
     _cid(),
     PrimaryKeyConstraint("channel_id", "ident", "ts", "digest"),
-    Index("channel_messages_ts_idx", "ts"),
-    Index("channel_messages_cid_ts_idx", "cid", "ts"),
-    comment="Every message seen by a channel, each stored once.",
+    Index("channel_messages_recent_ts_idx", "ts"),
+    Index("channel_messages_recent_cid_ts_idx", "cid", "ts"),
+    comment="Channel messages of the hours not compacted yet, each stored once "
+    "(read them through the channel_messages view).",
     postgresql_partition_by="RANGE (ts)",
+)
+
+channel_message_hours = Table(
+    "channel_message_hours",
+    metadata,
+    Column("channel_id", BigInteger, nullable=False),
+    Column("ident", Text, nullable=False),
+    *_packed(key=("channel_id", "ident")),
+    Index("channel_message_hours_hour_idx", "hour"),
+    comment="Channel messages of past hours, one row per channel, ident and hour "
+    "(read them through the channel_messages view).",
+    postgresql_partition_by="RANGE (hour)",
+    info={"partition_options": "toast_tuple_target = 128"},
 )
 
 modem_messages = Table(
@@ -396,12 +478,29 @@ STATE_TABLES = (
 )
 # History tables are partitioned by day of ts (UTC): ``<table>_pYYYYMMDD`` partitions made
 # ahead by the daemon, and ``<table>_default`` for rows outside them (see partitions.py).
-HISTORY_TABLES = (device_messages, channel_messages, modem_messages, platform_logs, other_messages)
-VIEWS = ("devices", "device_positions")
+HISTORY_TABLES = (
+    device_messages_recent,
+    device_message_hours,
+    channel_messages_recent,
+    channel_message_hours,
+    modem_messages,
+    platform_logs,
+    other_messages,
+)
+VIEWS = ("devices", "device_positions", "device_messages", "channel_messages")
 PARTITION_NAME = re.compile(
-    r"^(device_messages|channel_messages|modem_messages|platform_logs|other_messages)"
+    r"^(device_messages_recent|device_message_hours|channel_messages_recent"
+    r"|channel_message_hours|modem_messages|platform_logs|other_messages)"
     r"_(default|p\d{8})$"
 )
+_PARTITION_KEY = re.compile(r"^RANGE \((\w+)\)$")
+
+
+def partition_key(table: Table) -> str:
+    """The column a history table is partitioned by (``ts``, or ``hour`` for packed hours)."""
+    match = _PARTITION_KEY.match(table.dialect_options["postgresql"]["partition_by"])
+    assert match, table.name
+    return match.group(1)
 
 
 def include_in_autogenerate(

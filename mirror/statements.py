@@ -29,6 +29,7 @@ from mirror.families import (
     Kind,
     StateWrites,
 )
+from mirror.history import TIER_OF_TABLE, insert_recent
 from mirror.records import ObjectPropertyUpdate, ObjectUpdate, Record
 
 Params: TypeAlias = dict[str, list[Any]]
@@ -115,14 +116,14 @@ def state_delete(table: str, w: StateWrites) -> TextClause:
 
 
 def append(table: str, w: AppendWrites) -> TextClause:
-    return text(
-        f"""
-        INSERT INTO {table} ({_names(w.columns)})
-        SELECT {", ".join(_expr(c) for c in w.columns)}
-        FROM {_unnest(w.columns)}
-        ON CONFLICT DO NOTHING
-        """
-    )
+    """Each record once (``ON CONFLICT DO NOTHING`` on its identity). A table kept in two tiers
+    (history.py) gets its rows in the recent tier, late ones only when not packed already."""
+    select = f"SELECT {', '.join(f'{_expr(c)} AS {_q(c.name)}' for c in w.columns)} "
+    select += f"FROM {_unnest(w.columns)}"
+    tier = TIER_OF_TABLE.get(table)
+    if tier is not None:
+        return text(insert_recent(tier, [c.name for c in w.columns], select))
+    return text(f"INSERT INTO {table} ({_names(w.columns)}) {select} ON CONFLICT DO NOTHING")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ again in parts half the size of the one that broke it.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mirror.batch import DeadLetter, WritePlan
 from mirror.failures import error_chain, sqlstate
+from mirror.history import (
+    ENSURE_HORIZON,
+    LOCK_LATE_BUCKETS,
+    READ_HORIZON,
+    TIER_OF_TABLE,
+    late_buckets,
+)
 from mirror.records import (
     Inbound,
     Reason,
@@ -209,9 +217,10 @@ class Store:
     ) -> WriteResult:
         result = WriteResult()
         refused: list[DeadLetter] = []
+        horizon = await _guard_history(conn, plan)
         for start in range(0, len(records), limit):
             part = records[start : start + limit]
-            await self._write_part(conn, plan, part, result, refused)
+            await self._write_part(conn, plan, part, result, refused, horizon)
         letters = [*plan.dead_letters, *refused]
         if letters:
             params = dead_letter_params(letters, self.max_payload_bytes)
@@ -226,11 +235,12 @@ class Store:
         part: Sequence[Record],
         result: WriteResult,
         refused: list[DeadLetter],
+        horizon: float,
     ) -> None:
         """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller."""
         try:
             async with conn.begin_nested():
-                written = await self._write_all(conn, _sub_plan(plan, part))
+                written = await self._write_all(conn, _sub_plan(plan, part), horizon)
         except DATABASE_ERRORS as exc:
             failure = self._failure_of(exc, len(part))
             if failure is Failure.SIZE:
@@ -242,8 +252,8 @@ class Store:
                 return
             result.splits += 1
             half = len(part) // 2
-            await self._write_part(conn, plan, part[:half], result, refused)
-            await self._write_part(conn, plan, part[half:], result, refused)
+            await self._write_part(conn, plan, part[:half], result, refused, horizon)
+            await self._write_part(conn, plan, part[half:], result, refused, horizon)
             return
         result.rows.update(written.rows)
 
@@ -259,10 +269,15 @@ class Store:
             raise _ConnectionBroke(f"a part of {size} records broke the connection") from exc
         return failure
 
-    async def _write_all(self, conn: AsyncConnection, plan: WritePlan) -> WriteResult:
+    async def _write_all(
+        self, conn: AsyncConnection, plan: WritePlan, horizon: float = -math.inf
+    ) -> WriteResult:
         result = WriteResult()
         for table, op, params in plan_operations(plan):
-            cursor = await conn.execute(STATEMENTS[f"{table}.{op}"], params)
+            bound: dict[str, Any] = dict(params)
+            if table in TIER_OF_TABLE:  # late rows are those before the horizon
+                bound["horizon"] = horizon
+            cursor = await conn.execute(STATEMENTS[f"{table}.{op}"], bound)
             if op.startswith("merge"):  # props brought up to date: not rows written
                 continue
             count = len(next(iter(params.values())))
@@ -271,6 +286,26 @@ class Store:
             if op in ("upsert", "append") and affected < count:
                 result.rows[(table, "stale" if op == "upsert" else "duplicate")] += count - affected
         return result
+
+
+async def _guard_history(conn: AsyncConnection, plan: WritePlan) -> float:
+    """Before a plan with messages of a two-tier history (history.py): read the horizon, holding
+    it for the transaction, and lock the day buckets of the rows before it (they may be packed
+    already, or being packed). Returns the horizon (Unix time; -inf: nothing packed yet)."""
+    times = [r.ts for table in TIER_OF_TABLE for r in plan.rows(table)]
+    if not times:
+        return -math.inf
+    horizon = (await conn.execute(READ_HORIZON)).scalar()
+    if horizon is None:  # the row is made by the migration; someone removed it
+        await conn.execute(ENSURE_HORIZON)
+        horizon = (await conn.execute(READ_HORIZON)).scalar()
+    horizon = float(horizon) if horizon is not None else -math.inf
+    # A time just before the horizon that PostgreSQL rounds up to it is locked needlessly, never
+    # the other way round: the horizon is a whole hour.
+    late = late_buckets(times, horizon)
+    if late:
+        await conn.execute(LOCK_LATE_BUCKETS, {"buckets": late})
+    return horizon
 
 
 def _unavailable(exc: BaseException) -> DatabaseUnavailable:

@@ -39,6 +39,7 @@ EXPECTED_ALERTS = {
     "FlespiMirrorNoCommits",
     "FlespiMirrorReconnectStorm",
     "FlespiMirrorBatchHeld",
+    "FlespiMirrorCompactionBehind",
 }
 
 

@@ -144,8 +144,8 @@ FAULTS = {
     "privilege_revoked": (
         "42501",
         "device_messages",
-        ["REVOKE INSERT ON device_messages FROM {role}"],
-        ["GRANT INSERT ON device_messages TO {role}"],
+        ["REVOKE INSERT ON device_messages_recent FROM {role}"],
+        ["GRANT INSERT ON device_messages_recent TO {role}"],
     ),
     "trigger_p0001": ("P0001", "telemetry", TRIGGER, ["DROP TRIGGER operator_guard ON telemetry"]),
     "check_23514": (

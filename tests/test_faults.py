@@ -329,7 +329,9 @@ async def test_sigterm_while_a_lock_blocks_the_batch_commits_it_once_the_lock_go
     try:
         tr = locker.transaction()
         await tr.start()
-        await locker.execute(f'LOCK TABLE "{schema_name}".device_messages IN ACCESS EXCLUSIVE MODE')
+        await locker.execute(
+            f'LOCK TABLE "{schema_name}".device_messages_recent IN ACCESS EXCLUSIVE MODE'
+        )
         acked = publish_many(broker.url, list(history_stream(0, 300)))
         await asyncio.sleep(0.5)  # the batch is in hand, its INSERT waits for the lock
         proc.send_signal(signal.SIGTERM)

@@ -234,17 +234,19 @@ async def test_back_dated_history_gets_its_own_day_partitions_and_retention(data
         ]
         await Store(engine).write(coalesce((m, decode(m)) for m in messages))
         report = await maintain(engine, today=today, days_ahead=1)
-        assert {"device_messages_p19990822", "device_messages_p20260301"} <= set(report.created)
+        assert {"device_messages_recent_p19990822", "device_messages_recent_p20260301"} <= set(
+            report.created
+        )
         homes = await query(
-            engine, "SELECT tableoid::regclass::text FROM device_messages ORDER BY ts"
+            engine, "SELECT tableoid::regclass::text FROM device_messages_recent ORDER BY ts"
         )
         assert [h.split(".")[-1] for (h,) in homes] == [
-            "device_messages_p19990822",
-            "device_messages_p20260301",
+            "device_messages_recent_p19990822",
+            "device_messages_recent_p20260301",
         ]
         report = await maintain(engine, today=today, days_ahead=1, retention_days=30)
-        assert "device_messages_p19990822" in report.dropped
-        assert "device_messages_p20260301" not in report.dropped
+        assert "device_messages_recent_p19990822" in report.dropped
+        assert "device_messages_recent_p20260301" not in report.dropped
     finally:
         await engine.dispose()
 

@@ -525,6 +525,7 @@ def test_defaults_leave_optional_settings_to_the_daemon() -> None:
         "MIRROR_SHARE_GROUP",
         "MIRROR_SESSION_EXPIRY",
         "MIRROR_RETENTION_DAYS",
+        "MIRROR_COMPACT_AFTER",
         "MIRROR_TOMBSTONE_DAYS",
         "MIRROR_WORKERS",
         "MIRROR_CA_FILE",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -54,7 +56,11 @@ def _diff(connection, schema: str):
         connection,
         opts={"include_object": include_in_autogenerate},
     )
-    return compare_metadata(context, metadata)
+    with warnings.catch_warnings():
+        # SQLAlchemy reflects no type for PostgreSQL's box (device_message_hours.bbox); the
+        # comparison leaves such a column's type alone.
+        warnings.filterwarnings("ignore", "Did not recognize type 'box'")
+        return compare_metadata(context, metadata)
 
 
 async def test_migrations_match_the_schema_module(database, schema_name):

@@ -72,6 +72,8 @@ def test_every_settings_field_a_user_sets_is_declared():
         "maintenance_interval",
         "partition_days_ahead",
         "snapshot_quiet",
+        "compaction_interval",
+        "compaction_pause",
     }
     assert {f.name for f in dataclasses.fields(Settings)} - declared == internal
 

@@ -44,7 +44,8 @@ async def write_messages(store: Store, *days: dt.date) -> None:
 async def homes(engine) -> list[tuple[str, int]]:
     rows = await query(
         engine,
-        "SELECT tableoid::regclass::text, count(*) FROM device_messages GROUP BY 1 ORDER BY 1",
+        "SELECT tableoid::regclass::text, count(*) FROM device_messages_recent "
+        "GROUP BY 1 ORDER BY 1",
     )
     return [(name.split(".")[-1], n) for name, n in rows]
 
@@ -62,9 +63,9 @@ async def test_partitions_exist_from_yesterday_to_a_week_ahead(engine):
     assert len(report.created) == len(HISTORY_TABLES) * 9
     await write_messages(Store(engine), TODAY, TODAY + 7 * DAY, TODAY - 1 * DAY)
     assert await homes(engine) == [
-        ("device_messages_p20260309", 1),
-        ("device_messages_p20260310", 1),
-        ("device_messages_p20260317", 1),
+        ("device_messages_recent_p20260309", 1),
+        ("device_messages_recent_p20260310", 1),
+        ("device_messages_recent_p20260317", 1),
     ]
     again = await maintain(engine, today=TODAY, days_ahead=7)
     assert again.created == []
@@ -73,12 +74,12 @@ async def test_partitions_exist_from_yesterday_to_a_week_ahead(engine):
 async def test_rows_outside_the_prepared_days_wait_in_default_then_move(engine):
     await maintain(engine, today=TODAY, days_ahead=2)
     await write_messages(Store(engine), TODAY + 5 * DAY, TODAY - 30 * DAY)
-    assert await homes(engine) == [("device_messages_default", 2)]
+    assert await homes(engine) == [("device_messages_recent_default", 2)]
     report = await maintain(engine, today=TODAY + 4 * DAY, days_ahead=2)
     assert report.moved_rows == 2  # the back-dated row gets its own day too (issue 8 item 7)
     assert await homes(engine) == [
-        ("device_messages_p20260208", 1),
-        ("device_messages_p20260315", 1),
+        ("device_messages_recent_p20260208", 1),
+        ("device_messages_recent_p20260315", 1),
     ]
 
 
@@ -87,12 +88,12 @@ async def test_retention_drops_whole_days_and_old_default_rows(engine):
     await write_messages(Store(engine), TODAY - 1 * DAY, TODAY, TODAY + 2 * DAY, TODAY - 60 * DAY)
     report = await maintain(engine, today=TODAY + 3 * DAY, days_ahead=3, retention_days=3)
     # Kept: days ending after TODAY (3 days before "now"); TODAY-1 ended at TODAY 00:00: dropped.
-    assert "device_messages_p20260309" in report.dropped
-    assert "device_messages_p20260310" not in report.dropped
+    assert "device_messages_recent_p20260309" in report.dropped
+    assert "device_messages_recent_p20260310" not in report.dropped
     assert report.expired_default_rows == 1
     assert await homes(engine) == [
-        ("device_messages_p20260310", 1),
-        ("device_messages_p20260312", 1),
+        ("device_messages_recent_p20260310", 1),
+        ("device_messages_recent_p20260312", 1),
     ]
 
 
@@ -133,28 +134,34 @@ async def test_partitions_and_foreign_tables_an_operator_made_never_break_mainte
             f'SERVER "archive {suffix}"'
         )
         await conn.exec_driver_sql(
-            'CREATE TABLE "Archive; device_messages_p20260202" (LIKE device_messages INCLUDING ALL)'
+            'CREATE TABLE "Archive; device_messages_recent_p20260202" '
+            "(LIKE device_messages_recent INCLUDING ALL)"
         )
         await conn.exec_driver_sql(
-            'ALTER TABLE device_messages ATTACH PARTITION "Archive; device_messages_p20260202" '
+            "ALTER TABLE device_messages_recent ATTACH PARTITION "
+            '"Archive; device_messages_recent_p20260202" '
             "FOR VALUES FROM ('2026-02-02 00:00:00+00') TO ('2026-02-03 00:00:00+00')"
         )
         await conn.exec_driver_sql(
-            'CREATE TABLE "Archive; device_messages_p20260311" (LIKE device_messages INCLUDING ALL)'
+            'CREATE TABLE "Archive; device_messages_recent_p20260311" '
+            "(LIKE device_messages_recent INCLUDING ALL)"
         )
         await conn.exec_driver_sql(
-            'ALTER TABLE device_messages ATTACH PARTITION "Archive; device_messages_p20260311" '
+            "ALTER TABLE device_messages_recent ATTACH PARTITION "
+            '"Archive; device_messages_recent_p20260311" '
             "FOR VALUES FROM ('2026-03-11 00:00:00+00') TO ('2026-03-12 00:00:00+00')"
         )
     try:
         await maintain(engine, today=TODAY - 30 * DAY, days_ahead=1)
         report = await maintain(engine, today=TODAY, days_ahead=3, retention_days=7)
-        assert "device_messages_p20260208" in report.dropped  # ours, past retention
+        assert "device_messages_recent_p20260208" in report.dropped  # ours, past retention
         assert not any("Archive" in name for name in report.dropped)  # the operator's stays
-        assert "device_messages_p20260311" not in report.created  # the operator covers the day
-        assert "device_messages_p20260312" in report.created
+        assert (
+            "device_messages_recent_p20260311" not in report.created
+        )  # the operator covers the day
+        assert "device_messages_recent_p20260312" in report.created
         names = {r[0] for r in await query(engine, "SELECT relname FROM pg_class")}
-        assert {"Archive; device_messages_p20260202", "Device Messages_p20260201"} <= names
+        assert {"Archive; device_messages_recent_p20260202", "Device Messages_p20260201"} <= names
     finally:
         async with engine.begin() as conn:
             await conn.exec_driver_sql('DROP FOREIGN TABLE "Device Messages_p20260201"')
