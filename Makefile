@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run quickstart test venv mosquitto promtool lint bench clean
+.PHONY: run quickstart test venv mosquitto promtool postgis lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ mosquitto:
 promtool:
 	@bash scripts/ensure-promtool.sh
 
-test: $(STAMP) mosquitto promtool
+# The spatial tests run with PostGIS and without it; installed when missing and we may.
+postgis:
+	@bash scripts/ensure-postgis.sh
+
+test: $(STAMP) mosquitto promtool postgis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

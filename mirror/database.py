@@ -8,9 +8,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from mirror import extensions
 from mirror.config import database_target
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def _upgrade(connection: Connection, schema: str, revision: str) -> None:
     cfg = alembic_config(schema)
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, revision)
+    if revision == "head":  # the optional extensions' objects follow what the database has
+        extensions.align(connection, schema, ScriptDirectory.from_config(cfg))
 
 
 def _downgrade(connection: Connection, schema: str, revision: str) -> None:

@@ -487,7 +487,10 @@ HISTORY_TABLES = (
     platform_logs,
     other_messages,
 )
-VIEWS = ("devices", "device_positions", "device_messages", "channel_messages")
+VIEWS = ("devices", "device_positions", "device_messages", "channel_messages", "device_track")
+# Indexes on expressions over the payload (GiST, the typed track's points: migration 0008's
+# deploy), which name the schema's functions and so are not modelled here.
+EXPRESSION_INDEXES = ("device_messages_recent_position_idx", "device_messages_recent_geom_idx")
 PARTITION_NAME = re.compile(
     r"^(device_messages_recent|device_message_hours|channel_messages_recent"
     r"|channel_message_hours|modem_messages|platform_logs|other_messages)"
@@ -509,6 +512,8 @@ def include_in_autogenerate(
     """alembic ``include_object`` hook: leave relations made outside ``metadata`` alone."""
     if type_ == "table":
         return not managed_outside_metadata(name)
+    if type_ == "index" and name in EXPRESSION_INDEXES:
+        return False
     table = getattr(obj, "table", None)
     return not managed_outside_metadata(getattr(table, "name", None))
 
