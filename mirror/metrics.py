@@ -160,6 +160,17 @@ COMPACTION_BACKLOG = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",
 )
+RECOUNTED_DAYS = Counter(
+    f"{PREFIX}_device_day_recounts_total",
+    "Device days whose distance and moving time were computed again from their track, after "
+    "messages arrived out of order.",
+    registry=REGISTRY,
+)
+RECOUNT_ERRORS = Counter(
+    f"{PREFIX}_recount_errors_total",
+    "Failed recounts of device days (retried a few seconds later).",
+    registry=REGISTRY,
+)
 DATABASE_ERROR_KINDS = ("unavailable", "held", "refused")
 DATABASE_ERRORS = Counter(
     f"{PREFIX}_database_errors_total",

@@ -189,6 +189,10 @@ async def maintain(
                     {"cutoff": dt.datetime.fromisoformat(_bound(cutoff))},
                 )
                 report.expired_default_rows += max(expired.rowcount, 0)
+        if retention_days > 0:  # the summaries of the days dropped go with them
+            bound = dt.datetime.fromisoformat(_bound(today - retention_days * DAY))
+            await conn.execute(text("DELETE FROM device_hours WHERE hour < :b"), {"b": bound})
+            await conn.execute(text("DELETE FROM device_days WHERE day < :b"), {"b": bound.date()})
     if report.created or report.dropped:
         log.info(
             "partitions: created %d, dropped %d (%d rows moved out of default)",

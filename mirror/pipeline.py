@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import compaction, metrics, partitions, resync
+from mirror import compaction, metrics, partitions, resync, summaries
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
@@ -116,6 +116,7 @@ class Mirror:
             asyncio.create_task(self._gauge_loop(), name="gauges"),
             asyncio.create_task(self._expiry_loop(), name="telemetry-expiry"),
         ]
+        helpers.append(asyncio.create_task(self._recount_loop(), name="summary-recount"))
         if self.settings.compact_after > 0:
             helpers.append(asyncio.create_task(self._compaction_loop(), name="compaction"))
         if self.settings.share_group:
@@ -229,6 +230,18 @@ class Mirror:
                 log.warning("compaction failed (nothing moved; will retry): %s", exc)
             if caught_up:
                 await asyncio.sleep(s.compaction_interval)
+
+    async def _recount_loop(self, interval: float = 5.0) -> None:
+        """Days that messages reached out of order get their distance and moving time again
+        (summaries.py); every worker may, each takes rows the others have not locked."""
+        while True:
+            try:
+                while (counted := await summaries.recount(self.engine)) > 0:
+                    metrics.RECOUNTED_DAYS.inc(counted)
+            except Exception as exc:
+                metrics.RECOUNT_ERRORS.inc()
+                log.warning("recounting device days failed (will retry): %s", exc)
+            await asyncio.sleep(interval)
 
     async def _maintenance_loop(self) -> None:
         while True:

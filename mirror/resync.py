@@ -45,15 +45,8 @@ class RepairPlan:
         return BackfillJob(f"gap:{self.begin:.6f}:{self.end:.6f}", self.begin, self.end)
 
 
-# The newest device message in either tier (index lookups, never a scan of packed hours).
-NEWEST_MESSAGE = text(
-    """
-    SELECT extract(epoch FROM greatest(
-        (SELECT max(ts) FROM device_messages_recent),
-        (SELECT max(last_ts) FROM device_message_hours
-         WHERE hour = (SELECT max(hour) FROM device_message_hours))))
-    """
-)
+# The newest device message stored (kept per device with every write: no scan of history).
+NEWEST_MESSAGE = text("SELECT extract(epoch FROM max(ts)) FROM device_latest_messages")
 
 
 async def plan_repair(

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Computed,
+    Date,
     Double,
     Identity,
     Index,
@@ -336,6 +337,79 @@ modem_messages = Table(
     PrimaryKeyConstraint("modem_id", "phone", "ts", "digest"),
     comment="SMS received by modems, each stored once.",
     postgresql_partition_by="RANGE (ts)",
+)
+
+# Summaries of device messages, kept by the statement that inserts them (summaries.py).
+device_latest_messages = Table(
+    "device_latest_messages",
+    metadata,
+    Column("device_id", BigInteger, primary_key=True),
+    Column("ts", TS, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("server_ts", TS),
+    Column("ident", Text),
+    Column("payload", JSONB, nullable=False),
+    Column("received_at", TS, nullable=False),
+    _cid(),
+    comment="The newest message of each device (by device time), kept with every write.",
+)
+
+device_hours = Table(
+    "device_hours",
+    metadata,
+    Column("device_id", BigInteger, nullable=False),
+    Column("hour", TS, nullable=False),
+    Column("messages", Integer, nullable=False),
+    Column("first_ts", TS, nullable=False),
+    Column("last_ts", TS, nullable=False),
+    _cid(),
+    PrimaryKeyConstraint("device_id", "hour"),
+    Index("device_hours_hour_idx", "hour"),
+    comment="Device messages per device and UTC hour, kept with every write.",
+)
+
+device_days = Table(
+    "device_days",
+    metadata,
+    Column("device_id", BigInteger, nullable=False),
+    Column("day", Date, nullable=False),
+    _cid(),
+    Column("messages", Integer, nullable=False),
+    Column("first_ts", TS, nullable=False),
+    Column("last_ts", TS, nullable=False),
+    Column("max_speed", REAL, comment="km/h, the highest position.speed of the day"),
+    Column("mileage_min", Double, comment="the lowest vehicle.mileage (km) of the day"),
+    Column("mileage_max", Double, comment="the highest vehicle.mileage (km) of the day"),
+    Column("track_km", Double, nullable=False,
+           comment="km along the day's valid positions, in time order"),
+    Column("moving_seconds", Double, nullable=False,
+           comment="seconds after a message at 5 km/h or more, gaps of up to 10 minutes"),
+    Column(
+        "distance_km",
+        Double,
+        Computed("coalesce(mileage_max - mileage_min, track_km)", persisted=True),
+        comment="mileage_max - mileage_min, else track_km",
+    ),
+    Column("first_latitude", Double),
+    Column("first_longitude", Double),
+    Column("last_fix_ts", TS),
+    Column("last_latitude", Double),
+    Column("last_longitude", Double),
+    Column("last_speed", REAL),
+    Column(
+        "needs_recount",
+        Boolean,
+        nullable=False,
+        server_default=text("false"),
+        comment="distance and moving time are being recomputed (messages arrived out of order)",
+    ),
+    PrimaryKeyConstraint("device_id", "day"),
+    Index("device_days_day_idx", "day"),
+    Index(
+        "device_days_recount_idx", "device_id", "day", postgresql_where=text("needs_recount")
+    ),
+    comment="Each device's UTC day: messages, times, distance, top speed, moving time; kept "
+    "with every write.",
 )
 
 dead_letters = Table(

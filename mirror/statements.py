@@ -29,8 +29,9 @@ from mirror.families import (
     Kind,
     StateWrites,
 )
-from mirror.history import TIER_OF_TABLE, insert_recent
+from mirror.history import DEVICE_MESSAGES, TIER_OF_TABLE, insert_recent
 from mirror.records import ObjectPropertyUpdate, ObjectUpdate, Record
+from mirror.summaries import insert_with_summaries
 
 Params: TypeAlias = dict[str, list[Any]]
 Operation: TypeAlias = tuple[str, str, Params]  # (table, operation, bound arrays)
@@ -121,6 +122,9 @@ def append(table: str, w: AppendWrites) -> TextClause:
     select = f"SELECT {', '.join(f'{_expr(c)} AS {_q(c.name)}' for c in w.columns)} "
     select += f"FROM {_unnest(w.columns)}"
     tier = TIER_OF_TABLE.get(table)
+    if tier is DEVICE_MESSAGES:  # with the summaries of what it inserts; yields that count
+        insert = insert_recent(tier, [c.name for c in w.columns], select)
+        return text(insert_with_summaries(insert, [c.name for c in w.columns]))
     if tier is not None:
         return text(insert_recent(tier, [c.name for c in w.columns], select))
     return text(f"INSERT INTO {table} ({_names(w.columns)}) {select} ON CONFLICT DO NOTHING")

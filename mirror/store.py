@@ -281,7 +281,8 @@ class Store:
             if op.startswith("merge"):  # props brought up to date: not rows written
                 continue
             count = len(next(iter(params.values())))
-            affected = max(cursor.rowcount, 0)
+            # A statement that keeps summaries as well yields the count of rows it inserted.
+            affected = int(cursor.scalar() or 0) if cursor.returns_rows else max(cursor.rowcount, 0)
             result.rows[(table, op)] += affected
             if op in ("upsert", "append") and affected < count:
                 result.rows[(table, "stale" if op == "upsert" else "duplicate")] += count - affected

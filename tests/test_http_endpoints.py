@@ -76,7 +76,9 @@ async def test_scrape_of_a_running_mirror_passes_promtool_and_shows_the_traffic(
                 pub.publish("flespi/state/gw/devices/42/telemetry/battery.level", 87, ts=now - 2)
                 pub.publish(
                     "flespi/message/gw/devices/42",
-                    {"timestamp": now - 3, "ident": "350000000000042", "battery.level": 87},
+                    # server.timestamp: the time a device message's lag counts from
+                    {"timestamp": now - 3, "server.timestamp": now - 2,
+                     "ident": "350000000000042", "battery.level": 87},
                     ts=now - 2,
                 )
                 pub.publish("flespi/state/gw/devices/42/telemetry/speed", b"{not json", ts=now)
