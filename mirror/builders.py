@@ -19,6 +19,7 @@ from mirror.payloads import (
     optional_number,
     parse_json,
     parse_timestamp,
+    track,
 )
 from mirror.records import (
     CalculatorDeviceUpdate,
@@ -250,6 +251,7 @@ def device_message(f: Fields, msg: Inbound, cid: int | None) -> Record:
         digest(msg.payload),
         msg.received_at,
         cid,
+        *track(value),
     )
 
 

@@ -47,6 +47,7 @@ class Kind(StrEnum):
     TIME = "time"  # Unix seconds (float8), stored with to_timestamp()
     NUMBER = "float8"
     BYTES = "bytea"
+    BOOL = "boolean"
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
                 Col("payload", Kind.JSON),
                 _RECEIVED,
                 _CID,
+                # The typed position (payloads.track), for device_track and its indexes.
+                Col("latitude", Kind.NUMBER),
+                Col("longitude", Kind.NUMBER),
+                Col("altitude", Kind.NUMBER),
+                Col("speed", Kind.NUMBER),
+                Col("direction", Kind.NUMBER),
+                Col("satellites", Kind.ID),
+                Col("valid", Kind.BOOL),
             )
         ),
     ),

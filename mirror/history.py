@@ -167,12 +167,18 @@ def insert_recent(tier: Tier, columns: Sequence[str], select: str) -> str:
 # Reading packed hours back as rows
 
 
+def _per_message(tier: Tier) -> list[tuple[str, str]]:
+    """(column of the recent tier, array of the packed tier) of every per-message column but
+    the identity (ts, digest) and the payload: the tier's own, then the typed position."""
+    return [*tier.columns, *((name, name) for name, _t, _sql in (TRACK if tier.track else ()))]
+
+
 def unpacked(tier: Tier, alias: str = "h", *, payload: bool = True) -> str:
     """``FROM`` items yielding one row per message of the packed rows ``alias``: the lateral
-    ``m`` with ``ts``, ``digest``, each of the tier's columns (and ``payload``)."""
+    ``m`` with ``o`` (the ts offset), each per-message column (and ``payload``), and ``i``."""
     arrays = [f"unnest({alias}.ts_offsets)"]
     names = ["o"]
-    for column, packed in tier.columns:
+    for column, packed in _per_message(tier):
         arrays.append(f"unnest({alias}.{packed})")
         names.append(column)
     if payload:
@@ -185,12 +191,12 @@ def unpacked(tier: Tier, alias: str = "h", *, payload: bool = True) -> str:
 
 
 def unpacked_columns(tier: Tier, alias: str = "h") -> list[str]:
-    """Select-list items of the rows of :func:`unpacked`, in the recent table's order."""
+    """Select-list items of the rows of :func:`unpacked`, as the recent table names them."""
     return [
         *(f"{alias}.{c}" for c in tier.group),
         f"hour_ts({alias}.hour, m.o) AS ts",
         f"substring({alias}.digests FROM m.i::int * 16 - 15 FOR 16) AS digest",
-        *(f"m.{c}" for c, _ in tier.columns),
+        *(f"m.{c}" for c, _ in _per_message(tier)),
         "m.payload",
     ]
 
@@ -200,7 +206,9 @@ def unpacked_columns(tier: Tier, alias: str = "h") -> list[str]:
 
 
 def _aggregates(tier: Tier) -> list[tuple[str, str]]:
-    """(packed column, aggregate over the ordered messages ``x``) of a packed row."""
+    """(packed column, aggregate over the ordered messages ``x``) of a packed row. A typed
+    position the recent row lacks (stored before the writer read it) is read from its payload.
+    """
     order = "ORDER BY x.ts, x.digest"
     aggregates = [
         ("messages", "count(*)"),
@@ -211,9 +219,10 @@ def _aggregates(tier: Tier) -> list[tuple[str, str]]:
         *((packed, f"array_agg(x.{column} {order})") for column, packed in tier.columns),
     ]
     if tier.track:
-        aggregates += [(name, f"array_agg({track_expression(name, 'x.payload')} {order})")
-                       for name, _type, _sql in TRACK]  # fmt: skip
-        lon, lat = (track_expression(c, "x.payload") for c in ("longitude", "latitude"))
+        typed = {name: f"coalesce(x.{name}, {track_expression(name, 'x.payload')})"
+                 for name, _type, _sql in TRACK}  # fmt: skip
+        aggregates += [(name, f"array_agg({sql} {order})") for name, sql in typed.items()]
+        lon, lat = typed["longitude"], typed["latitude"]
         aggregates.append(
             ("bbox", f"box(point(min({lon}), min({lat})), point(max({lon}), max({lat})))")
         )
@@ -229,7 +238,7 @@ def compaction_step(tier: Tier) -> TextClause:
     Rows come in key order, so a step ends inside at most one group; the next step merges the
     rest of that group into the row this one wrote."""
     group = ", ".join(tier.group)
-    recent_columns = [*tier.group, "ts", "digest", *(c for c, _ in tier.columns), "payload"]
+    recent_columns = [*tier.group, "ts", "digest", *(c for c, _ in _per_message(tier)), "payload"]
     names = ", ".join(recent_columns)
     aggregates = _aggregates(tier)
     packed_names = ", ".join(name for name, _ in aggregates)

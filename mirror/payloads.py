@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from mirror.records import Reason
@@ -156,6 +156,48 @@ def optional_number(obj: Mapping[str, Any], field: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Invalid(Reason.WRONG_SHAPE, f"field {field!r} is not a number")
     return float(value)
+
+
+# A message's typed position (flespi's dotted parameters), read once when it is stored: the
+# columns of device_track. The same rules as the SQL readers of migrations 0001 and 0007
+# (json_number, json_real, json_smallint, json_bool), which read messages stored before:
+# anything but a number in the column type's range, or a boolean, is None.
+TRACK_FIELDS = (
+    ("latitude", "position.latitude", "double"),
+    ("longitude", "position.longitude", "double"),
+    ("altitude", "position.altitude", "real"),
+    ("speed", "position.speed", "real"),
+    ("direction", "position.direction", "real"),
+    ("satellites", "position.satellites", "smallint"),
+    ("valid", "position.valid", "boolean"),
+)
+_RANGES = {"double": (1e-300, 1e300), "real": (1.2e-38, 3.4e38)}
+
+
+def _typed(raw: Any, kind: str) -> float | int | bool | None:
+    if kind == "boolean":
+        return raw if isinstance(raw, bool) else None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | Decimal):
+        return None
+    value: float | int | Decimal = raw
+    if kind == "smallint":
+        if not -32768 <= value <= 32767:
+            return None
+        whole = Decimal(value).to_integral_value(ROUND_HALF_UP)  # numeric round(): half away
+        return int(whole)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    low, high = _RANGES[kind]
+    if number != 0 and not low <= abs(number) <= high:  # inf and tiny values included
+        return None
+    return number
+
+
+def track(message: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The typed position of a message object, in ``TRACK_FIELDS`` order."""
+    return tuple(_typed(message.get(key), kind) for _, key, kind in TRACK_FIELDS)
 
 
 def digest(payload: bytes) -> bytes:

@@ -213,6 +213,8 @@ class CalculatorDeviceUpdate:
 
 @dataclass(frozen=True, slots=True)
 class DeviceMessage:
+    """One device message; the last seven fields are its typed position (payloads.track)."""
+
     device_id: int
     ts: float
     server_ts: float | None
@@ -221,6 +223,13 @@ class DeviceMessage:
     digest: bytes
     received_at: float
     cid: int | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    altitude: float | None = None
+    speed: float | None = None
+    direction: float | None = None
+    satellites: int | None = None
+    valid: bool | None = None
     family = Family.DEVICE_MESSAGE
 
     @property

@@ -37,14 +37,10 @@ _ORDER_DESC = "ts DESC, speed DESC, lat DESC, lon DESC"
 
 
 def _typed(rows: str) -> str:
-    """The typed fields of device message rows ``rows`` (with a jsonb ``payload``)."""
+    """What the summaries need of device message rows ``rows`` (the recent tier's columns)."""
     return f"""
         SELECT i.device_id, i.ts, i.digest, i.cid, (i.ts AT TIME ZONE 'UTC')::date AS day,
-               hour_of(i.ts) AS hour,
-               json_number(i.payload -> 'position.latitude') AS lat,
-               json_number(i.payload -> 'position.longitude') AS lon,
-               json_bool(i.payload -> 'position.valid') AS valid,
-               json_real(i.payload -> 'position.speed') AS speed,
+               hour_of(i.ts) AS hour, i.latitude AS lat, i.longitude AS lon, i.valid, i.speed,
                json_number(i.payload -> '{MILEAGE}') AS mileage
         FROM {rows} i
     """

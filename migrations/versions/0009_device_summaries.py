@@ -32,12 +32,16 @@ depends_on: str | Sequence[str] | None = None
 
 GREAT_CIRCLE = """
     CREATE FUNCTION {s}.great_circle_km(lat1 float8, lon1 float8, lat2 float8, lon2 float8)
-    RETURNS float8 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        -- haversine on a sphere of the Earth's mean radius (6371.0088 km); NULL for a
-        -- missing point (STRICT: least() would otherwise turn a NULL into half the globe)
-        SELECT 2 * 6371.0088 * asin(least(1, sqrt(
-            sin(radians(lat2 - lat1) / 2) ^ 2
-            + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lon2 - lon1) / 2) ^ 2)))
+    RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        -- haversine on a sphere of the Earth's mean radius (6371.0088 km); NULL for a missing
+        -- point (least() alone would turn NULL into 1: half the globe). One expression, no
+        -- STRICT (least is not strict), so that the planner inlines it.
+        SELECT CASE WHEN lat1 IS NOT NULL AND lon1 IS NOT NULL AND lat2 IS NOT NULL
+                         AND lon2 IS NOT NULL
+                    THEN 2 * 6371.0088 * asin(least(1, sqrt(
+                             sin(radians(lat2 - lat1) / 2) ^ 2
+                             + cos(radians(lat1)) * cos(radians(lat2))
+                               * sin(radians(lon2 - lon1) / 2) ^ 2))) END
     $$
 """
 
