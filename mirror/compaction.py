@@ -76,6 +76,7 @@ class CompactionReport:
     busy: bool = False  # another maintainer held the lock
     caught_up: bool = False  # nothing due is left in the recent tier
     backlog: float = 0.0  # seconds the oldest due message is past due (0: caught up)
+    truncated: list[str] = field(default_factory=list)  # emptied day partitions reset
 
 
 async def read_horizon(engine: AsyncEngine) -> float | None:
@@ -166,7 +167,48 @@ async def compact(
             return report
     report.caught_up = True
     report.backlog = 0.0
+    if report.horizon is not None:
+        for tier in TIERS:
+            report.truncated += await truncate_emptied_days(engine, tier, report.horizon)
     return report
+
+
+_EMPTIED_CANDIDATES = text(
+    """
+    SELECT c.relname FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = CAST(:parent AS regclass) AND c.relkind = 'r'
+      AND pg_total_relation_size(c.oid) > 131072
+    """
+)
+
+
+async def truncate_emptied_days(engine: AsyncEngine, tier: Tier, horizon: float) -> list[str]:
+    """Empty the recent tier's day partitions that compaction emptied, indexes included.
+
+    A vacuum frees an emptied partition's table pages for reuse, but its indexes keep their
+    size until the day is dropped by retention: a day's worth of index pages, more than the
+    packed rows of that day take. A past day (over before the horizon) gets no new rows but
+    late ones; so when it holds no row, it is truncated, under a lock (waited for one second
+    at most) that keeps any writer out while it is checked and emptied."""
+    truncated: list[str] = []
+    async with engine.connect() as conn:
+        names = [n for (n,) in await conn.execute(_EMPTIED_CANDIDATES, {"parent": tier.recent})]
+    for name in names:
+        day = partitions.day_of(tier.recent, name)
+        if day is None or partitions.day_end(day) > horizon:
+            continue
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("SET LOCAL lock_timeout = '1s'"))
+                await conn.execute(text(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE'))
+                empty = (await conn.execute(text(f'SELECT NOT EXISTS (SELECT FROM "{name}")')))
+                if empty.scalar():
+                    await conn.execute(text(f'TRUNCATE "{name}"'))
+                    truncated.append(name)
+        except DBAPIError as exc:  # busy (readers hold it) or not ours to truncate: next pass
+            log.debug("not truncating %s now: %s", name, exc)
+    return truncated
 
 
 async def vacuum_days(engine: AsyncEngine, days: set[tuple[str, dt.date]]) -> None:

@@ -48,6 +48,25 @@ def partition_name(table: str, day: dt.date) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
+def day_of(table: str, partition: str) -> dt.date | None:
+    """The day of one of ``table``'s day partitions by its name; None for any other name."""
+    if not partition.startswith(table + "_p"):
+        return None
+    match = _DAY_SUFFIX.search(partition)
+    if match is None or partition != partition_name(table, _parse_day(match.group(1))):
+        return None
+    return _parse_day(match.group(1))
+
+
+def _parse_day(digits: str) -> dt.date:
+    return dt.datetime.strptime(digits, "%Y%m%d").date()
+
+
+def day_end(day: dt.date) -> float:
+    """The Unix time the UTC day ends."""
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() + 86400.0
+
+
 def _bound(day: dt.date) -> str:
     return f"{day.isoformat()} 00:00:00+00"
 

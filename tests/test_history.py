@@ -301,3 +301,24 @@ async def eventually_true(check: Any, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "the condition never held"
         await asyncio.sleep(0.05)
+
+
+async def test_a_past_day_emptied_by_compaction_gives_its_index_space_back(engine):
+    store = Store(engine)
+    yesterday = hour_start(NOW) - 86400 - (hour_start(NOW) % 86400)  # yesterday 00:00 UTC
+    messages = [message(d, yesterday + 3600 + i * 60.0) for i in range(600) for d in (1, 2)]
+    await write(store, messages)
+    name = partitions.partition_name(
+        "device_messages_recent", dt.datetime.fromtimestamp(yesterday, dt.UTC).date()
+    )
+    size = "SELECT pg_total_relation_size(CAST(:n AS regclass))"
+    ((before,),) = await query(engine, size, n=name)
+    report = await compaction.compact(engine, after_hours=1.0, now=NOW)
+    assert name in report.truncated
+    ((after,),) = await query(engine, size, n=name)
+    assert after < before / 4, (before, after)
+    late = message(1, yesterday + 7200 + 30)  # a late message for the emptied day
+    await write(store, [late])
+    assert len(await rows(engine)) == len(messages) + 1
+    await compaction.compact(engine, after_hours=1.0, now=NOW)
+    assert await counts(engine) == (0, len(messages) + 1)
