@@ -130,17 +130,22 @@ async def compact(
     pause: Callable[[float], Awaitable[None]] | None = None,
 ) -> CompactionReport:
     """One pass: move the horizon, then pack due rows until caught up or ``budget`` seconds
-    are spent. ``pause(seconds_the_step_took)`` is awaited between steps when given (the
-    daemon's pacing, so that compaction leaves the database to ingestion most of the time)."""
+    are spent. ``pause(seconds_the_last_step_took)`` is awaited before every step when given
+    (0 before the first): the daemon's pacing, so that ingestion keeps the database."""
     report = CompactionReport()
     now = time.time() if now is None else now
     due = hour_start(now - after_hours * 3600.0)
+    if pause is not None:
+        await pause(0.0)
     report.horizon = await move_horizon(engine, due)
     horizon = report.horizon if report.horizon is not None else float("-inf")
     started = time.monotonic()
+    took = 0.0
     for tier in TIERS:
         made: set[dt.date] = set()
         while time.monotonic() - started < budget:
+            if pause is not None:
+                await pause(took)
             async with engine.connect() as conn:
                 oldest = (await conn.execute(_OLDEST[tier.name], {"horizon": horizon})).scalar()
             if oldest is None:
@@ -161,8 +166,7 @@ async def compact(
             report.steps += 1
             report.moved[tier.name] = report.moved.get(tier.name, 0) + moved
             metrics.COMPACTED.labels(tier.name).inc(moved)
-            if pause is not None:
-                await pause(time.monotonic() - step_started)
+            took = time.monotonic() - step_started
         else:
             return report
     report.caught_up = True

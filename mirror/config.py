@@ -163,9 +163,10 @@ class Settings:
     data_dir: str | None = None
     shutdown_timeout: float = 15.0
     retention_days: int = 0
-    compact_after: float = 1.0  # hours; 0: history stays one row per message
+    compact_after: float = 0.25  # hours; 0: history stays one row per message
     compaction_interval: float = 60.0  # seconds between compaction passes once caught up
     compaction_pause: float = 1.0  # sleep this many times a step's duration after it
+    compaction_defer: float = 30.0  # most seconds a step waits for a backlog drain to end
     tombstone_days: int = 14
     partition_days_ahead: int = 7
     maintenance_interval: float = 3600.0

@@ -338,8 +338,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "compact_after",
         "Pack device and channel messages older than this many hours into one compressed row "
-        "per device (channel and ident) and hour, about a tenth of the size (docs/sizing.md); "
-        "0 leaves every message a row of its own.",
+        "per device (channel and ident) and hour, about a tenth of the size (docs/sizing.md), "
+        "once their hour is over by this long; 0 leaves every message a row of its own.",
         parse=number,
     ),
     Option(

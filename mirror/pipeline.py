@@ -69,6 +69,7 @@ class Mirror:
         self.committed_messages = 0
         self.committed_batches = 0
         self._in_hand_since: float | None = None  # receive time of the batch being written
+        self._full_batch_at = float("-inf")  # monotonic time of the last batch taken full
 
     def _connection_changed(self, up: bool) -> None:
         self.health.update(mqtt_connected=up)
@@ -205,15 +206,32 @@ class Mirror:
                 metrics.MAINTENANCE_ERRORS.inc()
                 log.warning("telemetry expiry failed (will retry): %s", exc)
 
+    def draining(self) -> bool:
+        """Whether a backlog is being drained: a batch was taken full within the last second, or
+        a full batch waits in hand."""
+        return (
+            time.monotonic() - self._full_batch_at < 1.0
+            or self.source.buffered >= self.settings.batch_size
+        )
+
     async def _compaction_loop(self) -> None:
         """Pack past hours of message history (compaction.py), paced so that ingestion keeps
-        the database most of the time: after each step, a pause of ``compaction_pause`` times
-        its duration. A failed pass is counted, logged and retried: nothing moved, nothing lost.
-        """
+        the database: after each step, a pause of ``compaction_pause`` times its duration, and
+        while a backlog drains (batches come full), the next step waits for the drain to end,
+        up to ``compaction_defer`` seconds, so that a stream that never lets up is packed too
+        (slowly: the backlog gauge and its alert show it). A failed pass is counted, logged and
+        retried: nothing moved, nothing lost."""
         s = self.settings
+        # A resumed session's backlog shows itself within a second of connecting: wait for it.
+        while self.source.session_present is None:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
 
         async def pause(took: float) -> None:
             await asyncio.sleep(took * s.compaction_pause)
+            deferred = time.monotonic() + s.compaction_defer
+            while self.draining() and time.monotonic() < deferred:
+                await asyncio.sleep(0.1)
 
         while True:
             caught_up = True
@@ -267,6 +285,8 @@ class Mirror:
                     continue
             if not batch:  # only once stopping and drained
                 return
+            if len(batch) >= s.batch_size or batch.size >= s.max_batch_bytes // 2:
+                self._full_batch_at = time.monotonic()
             try:
                 await self.commit(batch)
             except ShutdownTimeout:

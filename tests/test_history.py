@@ -263,8 +263,9 @@ async def test_the_daemon_packs_past_hours_and_a_missing_privilege_holds_nothing
     )
     writer_url = "postgresql://" + role + "@" + database.url.split("@", 1)[1]
     settings = settings_for(
-        broker.url, writer_url, schema_name, migrate=False, compaction_interval=0.2
-    )
+        broker.url, writer_url, schema_name, migrate=False, compaction_interval=0.2,
+        compact_after=1.0,
+    )  # fmt: skip
     errors_before = metrics.COMPACTION_ERRORS._value.get()
     past = history(devices=(1, 2), every=600.0)  # six hours, one message in ten minutes
     async with running_mirror(settings) as running:
@@ -322,3 +323,32 @@ async def test_a_past_day_emptied_by_compaction_gives_its_index_space_back(engin
     assert len(await rows(engine)) == len(messages) + 1
     await compaction.compact(engine, after_hours=1.0, now=NOW)
     assert await counts(engine) == (0, len(messages) + 1)
+
+
+async def test_compaction_waits_while_a_backlog_drains(
+    broker: Any, database: Any, engine: AsyncEngine, schema_name: str
+) -> None:
+    """While full batches wait to be written, the daemon's compaction does not take a step (up
+    to compaction_defer): ingestion has the database. Once the backlog is written, it packs."""
+    await write(Store(engine), history(devices=(1,), every=600.0))
+    settings = settings_for(
+        broker.url, database.url, schema_name, batch_size=10, compaction_interval=0.2,
+        compaction_defer=600.0, compact_after=1.0,
+    )  # fmt: skip
+    async with running_mirror(settings) as running:
+        async with engine.connect() as blocker:  # the backlog's batches cannot be written
+            await blocker.execute(text("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE"))
+            with publisher(broker.url) as pub:
+                for n in range(200):
+                    pub.publish(f"flespi/state/gw/devices/9/telemetry/p{n}", n, time.time())
+            await eventually_true(lambda: running.mirror.draining())
+            await asyncio.sleep(3.0)  # compaction would have packed within about a second
+            assert (await counts(engine))[1] == 0
+            await blocker.rollback()
+        await eventually(running.engine, "SELECT count(*) FROM telemetry", [(200,)])
+        due = [m for m in history(devices=(1,), every=600.0)
+               if float(m.properties["timestamp"]) < hour_start(NOW) - 3600]  # fmt: skip
+        await eventually(
+            running.engine, "SELECT sum(messages) FROM device_message_hours", [(len(due),)],
+            timeout=20,
+        )  # fmt: skip

@@ -74,6 +74,7 @@ def test_every_settings_field_a_user_sets_is_declared():
         "snapshot_quiet",
         "compaction_interval",
         "compaction_pause",
+        "compaction_defer",
     }
     assert {f.name for f in dataclasses.fields(Settings)} - declared == internal
 
