@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import faults, scenarios, views
+from bench import faults, floor, history, scenarios, views
 from bench.backfill import backfill
 from bench.scenarios import OUT, Options
 
@@ -33,6 +33,8 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "batch-limits": faults.batch_limits,
     "object-size": scenarios.object_size,
     "interval-history": scenarios.interval_history,
+    "history": history.history,
+    "floor": floor.floor,
 }
 # Opt-in: measures a prototype of a recommended daemon change, not the daemon as shipped.
 EXTRA: dict[str, Callable[[Options], dict[str, Any]]] = {}
@@ -50,7 +52,8 @@ def options(args: argparse.Namespace) -> Options:
         )
     if args.messages:
         opts.messages = args.messages
-    for name in ("latency_seconds", "stream_seconds", "outage_seconds", "retained"):
+    for name in ("latency_seconds", "stream_seconds", "outage_seconds", "retained",
+                 "history_devices"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(opts, name, value)
@@ -167,15 +170,19 @@ def table(results: dict[str, Any]) -> str:
             f"{sec['props_small']:.1f} s; {sec['calc_big']:.1f} vs {sec['calc_small']:.1f} s); "
             "target <= 2.5",
         ))  # fmt: skip
-    history = results.get("interval-history", {})
-    if "spans_big_vs_small" in history:
-        sec = history["seconds"]
+    spans = results.get("interval-history", {})
+    if "spans_big_vs_small" in spans:
+        sec = spans["seconds"]
         rows.append((
-            f"interval history: {history['updates']:,} updates",
-            f"spans {history['spans_big_vs_small']:.2f} x, ids {history['ids_big_vs_small']:.2f} x",
+            f"interval history: {spans['updates']:,} updates",
+            f"spans {spans['spans_big_vs_small']:.2f} x, ids {spans['ids_big_vs_small']:.2f} x",
             f"10,000 vs 10 stored per device ({sec['spans_big']:.1f} vs {sec['spans_small']:.1f} s;"
             f" {sec['ids_big']:.1f} vs {sec['ids_small']:.1f} s); target <= 2.5",
         ))  # fmt: skip
+    if "questions" in results.get("history", {}):
+        rows += history.summary(results["history"])
+    if "drain" in results.get("floor", {}):
+        rows += floor.summary(results["floor"])
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value and name != "machine":
             rows.append((name, "FAILED", value["error"][:100]))
@@ -194,6 +201,9 @@ def main() -> int:
     p.add_argument("--latency-seconds", type=float)
     p.add_argument("--stream-seconds", type=float, help="memory: stream before the outage")
     p.add_argument("--outage-seconds", type=float, help="memory: database outage")
+    p.add_argument("--history-devices", type=int,
+                   help="history: devices reporting once a minute for a week (1000: 10M "
+                   "messages; 10000: 100M)")  # fmt: skip
     p.add_argument("--out", default=str(OUT / "results.json"), help="where to write results")
     args = p.parse_args()
     opts = options(args)

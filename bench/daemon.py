@@ -104,6 +104,21 @@ class MirrorProcess:
         except OSError:
             return None
 
+    def metric_sum(self, name: str) -> float:
+        """The sum of a metric's series on /metrics (0 when it is absent or unreachable)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2
+            ) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return 0.0
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")
+        )
+
     def log_time(self, needle: str) -> float | None:
         """Unix time of the first log line holding ``needle`` (the log has ms precision)."""
         if not self.log_path.exists():

@@ -56,6 +56,7 @@ PROMQL_VARIABLES = {
 }
 STALE_DEVICE_ID = 2_000_001
 DEVICE_ID = FIRST_DEVICE_ID + 1  # the simulator's first device: every opening event is its
+AREA = "(-180,-90),(180,90)"  # the dashboard's default area: the whole world
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -232,7 +233,9 @@ def grafana_sql(raw: str, device_id: int, start: datetime, end: datetime) -> str
 
     sql = re.sub(r"\$__timeFilter\(([^)]*)\)", time_filter, raw)
     sql = re.sub(r"\$__timeGroupAlias\(([^)]*)\)", time_group_alias, sql)
-    return substitute(sql, {"device": str(device_id)})
+    sql = sql.replace("$__timeFrom()", f"'{start.isoformat()}'")
+    sql = sql.replace("$__timeTo()", f"'{end.isoformat()}'")
+    return substitute(sql, {"device": str(device_id), "area": AREA})
 
 
 def sql_targets() -> dict[str, dict[str, Any]]:
@@ -268,7 +271,24 @@ def test_fleet_dashboard_has_online_count_geomap_stale_table_and_one_device() ->
         sql = panel["targets"][0]["rawSql"]
         assert not re.search(r"\bflespi\.", sql), "tables are unqualified (search_path)"
         macros = set(re.findall(r"\$__\w+", sql))
-        assert macros <= {"$__timeFilter", "$__timeGroupAlias"}, f"{panel['title']}: {macros}"
+        allowed = {"$__timeFilter", "$__timeGroupAlias", "$__timeFrom", "$__timeTo"}
+        assert macros <= allowed, f"{panel['title']}: {macros}"
+
+
+def test_fleet_dashboard_answers_the_fleet_questions_from_windows_and_summaries() -> None:
+    """The six questions of docs/history.md each have a panel, and no panel reads a history
+    view with a time condition (a view reads every packed hour of the device: the functions
+    of the same name read only the window's)."""
+    sql_of = {p["title"]: p["targets"][0]["rawSql"] for p in panels(load(FLEET))}
+    assert "device_track($__timeFrom(), $__timeTo())" in sql_of["Track of $device"]
+    assert "device_messages($__timeFrom(), $__timeTo())" in sql_of["Battery level of $device"]
+    assert "FROM device_latest_messages" in sql_of["Latest message of every device"]
+    assert "FROM device_days" in sql_of["Daily mileage"]
+    assert "CAST('$area' AS box)" in sql_of["Devices inside $area during the last hour"]
+    assert "FROM device_hours" in sql_of["Device messages per hour"]
+    for title, sql in sql_of.items():
+        views = re.findall(r"\b(?:device_messages|channel_messages|device_track)\b(?!\s*\()", sql)
+        assert not views, f"{title} reads a history view: use the window function"
 
 
 async def _rows(engine: AsyncEngine, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -402,3 +422,39 @@ async def test_every_sql_query_returns_rows_from_a_mirrored_database(
 
     columns, rows = results["Speed of $device A"]
     assert all(row[1] is not None for row in rows)
+
+    simulated = {FIRST_DEVICE_ID + n for n in (1, 2, 3)}
+    columns, rows = results["Track of $device A"]
+    assert rows and all(-90 <= r[1] <= 90 and -180 <= r[2] <= 180 for r in rows)
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+    columns, rows = results["Latest message of every device A"]
+    assert {row[0] for row in rows} == simulated
+    columns, rows = results["Daily mileage A"]
+    assert {row[0] for row in rows} == simulated and all(row[5] > 0 for row in rows)
+    columns, rows = results["Devices inside $area during the last hour A"]
+    assert {row[0] for row in rows} == simulated
+    columns, rows = results["Device messages per hour A"]
+    hourly = sum(row[1] for row in rows)
+    async with running.engine.connect() as conn:
+        stored = await conn.exec_driver_sql(
+            "SELECT count(*) FROM device_messages WHERE date_trunc('hour', ts, 'UTC') = ANY($1)",
+            ([row[0] for row in rows],),
+        )
+    assert hourly == stored.scalar() > 0
+
+    async with grafana_reader(running.engine, database, schema_name) as reader:
+        for statement in readme_example_sql():  # README's examples, as the same reader
+            try:
+                await _rows(reader, statement)
+            except Exception as error:
+                pytest.fail(f"README's example SQL fails: {error}\n{statement}")
+
+
+def readme_example_sql() -> list[str]:
+    """The statements of README's "Example SQL" block."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Example SQL", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    code = "\n".join(line for line in block.splitlines() if not line.startswith("--"))
+    statements = [s.strip() for s in code.split(";") if s.strip()]
+    assert any("device_track(" in s for s in statements), "README lost its fleet questions"
+    return statements

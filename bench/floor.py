@@ -1,0 +1,149 @@
+"""``--scenario floor``: the real limit, PostgreSQL running the mirror's own statements bare.
+
+A mirror cannot be faster than its database absorbing what it writes. This scenario measures
+that floor for each of issue 17's three workloads and, in the same run, the mirror doing the
+whole job, and prints each ratio:
+
+- **drain**: the ``throughput`` backlog (``--messages``, the benchmark mix: 95 % telemetry over
+  50,000 keys, 5 % device messages) drained by ``flespi-mirror run``, start-up taken off (from
+  its ``connected to`` line to its last commit).
+- **first snapshot**: ``--retained`` retained telemetry topics (1,000,000 for issue 17's target)
+  taken by a new ``flespi-mirror run``, from process start to its last commit, with its peak
+  RSS.
+- **backfill**: 100,000 device messages over 100 devices fetched over REST-over-MQTT and written
+  (``bench/backfill.py``), against the same fetch alone.
+
+The floor of the first two: the same messages, decoded and coalesced into the very plans the
+daemon builds (5,000 messages each; untimed), then their statements (``plan_operations``, and
+the history horizon read a plan with device messages begins with) executed from one asyncpg
+connection, one transaction per plan, and timed: only PostgreSQL's work and the wire.
+Everything the daemon adds (MQTT, decoding, coalescing, building parameters, SQLAlchemy,
+savepoints, acknowledgements) is what the ratio measures. The backfill's limit is the fetch
+alone (its floor in the database is far above it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bench.scenarios import Options, drain_mirror, retained_snapshot
+from bench.services import services
+from bench.workload import CID, Mix
+
+BATCH = 5_000
+
+
+def _plans(mix: Mix, count: int) -> Iterator[Any]:
+    """The daemon's write plans for messages 0..count-1 of ``mix``, BATCH messages each, with
+    the properties the publisher sends (timestamp ``start + i µs``, cid)."""
+    from mirror.batch import coalesce
+    from mirror.records import Inbound
+    from mirror.topics import decode
+
+    rnd = random.Random(1)
+    start = time.time()
+    for first in range(0, count, BATCH):
+        decoded = []
+        for i in range(first, min(count, first + BATCH)):
+            topic, payload = mix.message(i, rnd, start)
+            props = {"cid": CID, "timestamp": repr(start + i * 1e-6)}
+            m = Inbound(topic, payload, props, start + 1, retain=mix.retained, qos=1)
+            decoded.append((m, decode(m, 1 << 20, int(CID))))
+        yield coalesce(decoded)
+
+
+async def _bare(url: str, schema: str, mix: Mix, count: int) -> dict[str, Any]:
+    """Execute the plans' statements bare; returns seconds spent in PostgreSQL and rows."""
+    from mirror import partitions
+    from mirror.database import create_engine, migrate
+    from mirror.history import READ_HORIZON, TIER_OF_TABLE
+    from mirror.statements import STATEMENTS, plan_operations
+
+    engine = create_engine(url, schema)
+    await migrate(engine, schema)
+    await partitions.maintain(engine)
+    dialect = engine.sync_engine.dialect
+    compiled: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def bare(statement: Any) -> tuple[str, tuple[str, ...]]:
+        key = str(statement)
+        if key not in compiled:
+            c = statement.compile(dialect=dialect)
+            compiled[key] = (c.string, tuple(c.positiontup or ()))
+        return compiled[key]
+
+    seconds = 0.0
+    rows = 0
+    async with engine.connect() as sa_conn:
+        raw = (await sa_conn.get_raw_connection()).driver_connection
+        await raw.execute(f"SET search_path TO {schema}")
+        for plan in _plans(mix, count):
+            ops = plan_operations(plan)
+            calls: list[tuple[str, list[Any]]] = []
+            history = any(plan.rows(t) for t in TIER_OF_TABLE)
+            if history:
+                calls.append((bare(READ_HORIZON)[0], []))
+            for table, op, params in ops:
+                bound = dict(params)
+                if table in TIER_OF_TABLE:
+                    bound["horizon"] = float("-inf")
+                sql, names = bare(STATEMENTS[f"{table}.{op}"])
+                calls.append((sql, [bound[n] for n in names]))
+                rows += len(next(iter(params.values())))
+            began = time.perf_counter()
+            async with raw.transaction():
+                for sql, args in calls:
+                    await raw.fetch(sql, *args)
+            seconds += time.perf_counter() - began
+    await engine.dispose()
+    return {"messages": count, "rows": rows, "seconds": seconds, "rate": count / seconds}
+
+
+def _floor(mix: Mix, count: int) -> dict[str, Any]:
+    with services() as s:
+        return asyncio.run(_bare(s.database_url, "floor", mix, count))
+
+
+def floor(opts: Options) -> dict[str, Any]:
+    from bench.backfill import backfill
+
+    drain_floor = _floor(Mix(), opts.messages)
+    drain = drain_mirror(opts)
+    devices = -(-opts.retained // 50)
+    snapshot_floor = _floor(Mix(devices=devices, retained=True), opts.retained)
+    snapshot = retained_snapshot(opts, raw_drain=False)
+    filled = backfill(opts)
+    drain_ratio = drain["rate"] / drain_floor["rate"]
+    snapshot_ratio = snapshot["seconds_from_start"] / snapshot_floor["seconds"]
+    backfill_ratio = filled["backfill_vs_fetch"]
+    return {
+        "drain": {"floor": drain_floor, "mirror": drain, "ratio": drain_ratio},
+        "snapshot": {"floor": snapshot_floor, "mirror": snapshot, "ratio": snapshot_ratio},
+        "backfill": {"mirror": filled, "ratio": backfill_ratio},
+        "targets": {
+            "drain >= 0.8 x floor": drain_ratio >= 0.8,
+            "first snapshot <= 1.3 x floor": snapshot_ratio <= 1.3,
+            "first snapshot peak RSS <= 150 MB": snapshot["peak_rss_mb"] <= 150,
+            "backfill >= 0.8 x fetch alone": backfill_ratio >= 0.8,
+        },
+    }
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    d, s, b = result["drain"], result["snapshot"], result["backfill"]
+    return [
+        ("floor: drain", f"{d['ratio']:.2f} x floor",
+         f"mirror {d['mirror']['rate']:,.0f} msg/s, statements bare {d['floor']['rate']:,.0f}; "
+         "target >= 0.8"),
+        ("floor: first snapshot", f"{s['ratio']:.2f} x floor",
+         f"mirror {s['mirror']['seconds_from_start']:.1f} s from start, statements bare "
+         f"{s['floor']['seconds']:.1f} s, peak RSS {s['mirror']['peak_rss_mb']:.0f} MB; "
+         "target <= 1.3"),
+        ("floor: backfill", f"{b['ratio']:.2f} x fetch",
+         f"backfill {b['mirror']['backfill']['rate']:,.0f} msg/s, fetch alone "
+         f"{b['mirror']['fetch_only']['rate']:,.0f}; target >= 0.8"),
+    ]  # fmt: skip
