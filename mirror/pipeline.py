@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN = 0.2
 RETRY_MAX = 10.0
+
+
+class Prepared(NamedTuple):
+    """A batch decoded and coalesced, ready to be written."""
+
+    batch: Batch
+    decoded: list[tuple[Inbound, Record | Rejection]]
+    plan: WritePlan
 
 
 class ShutdownTimeout(Exception):
@@ -269,43 +278,75 @@ class Mirror:
     async def _consume(
         self, source: MqttSource, until: Callable[[MqttSource], bool] | None = None
     ) -> None:
-        """Write and acknowledge ``source``'s batches until it is drained (or ``until`` says)."""
+        """Write and acknowledge ``source``'s batches until it is drained (or ``until`` says).
+
+        Two batches overlap: while one is being written (the event loop waits on PostgreSQL),
+        the next is taken and decoded. Writes stay one at a time and in order, so acks follow
+        arrival order and a key's updates reach the database in the order they came."""
         s = self.settings
-        while True:
-            if until is None:
-                batch = await source.take(s.batch_size, s.flush_interval, s.max_batch_bytes)
-            else:
-                if until(source):
-                    return
-                try:
-                    batch = await asyncio.wait_for(
-                        source.take(s.batch_size, s.flush_interval, s.max_batch_bytes), 0.25
-                    )
-                except TimeoutError:
-                    continue
-            if not batch:  # only once stopping and drained
-                return
-            if len(batch) >= s.batch_size or batch.size >= s.max_batch_bytes // 2:
-                self._full_batch_at = time.monotonic()
+        writing: asyncio.Task[WriteResult] | None = None
+        try:
+            while True:
+                if until is None:
+                    batch = await source.take(s.batch_size, s.flush_interval, s.max_batch_bytes)
+                else:
+                    if until(source):
+                        break
+                    try:
+                        batch = await asyncio.wait_for(
+                            source.take(s.batch_size, s.flush_interval, s.max_batch_bytes), 0.25
+                        )
+                    except TimeoutError:
+                        continue
+                if not batch:  # only once stopping and drained
+                    break
+                if len(batch) >= s.batch_size or batch.size >= s.max_batch_bytes // 2:
+                    self._full_batch_at = time.monotonic()
+                prepared = self.prepare(batch)
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self.write(prepared))
+        except ShutdownTimeout:
+            self._shutdown_timed_out()
+            writing = None
+        except BaseException:  # cancelled, or a bug: the batch in writing goes too, unacked
+            if writing is not None:
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ShutdownTimeout):
+                    await writing
+            raise
+        if writing is not None:  # drained, or told to stop: the last batch is written first
             try:
-                await self.commit(batch)
+                await writing
             except ShutdownTimeout:
-                log.error(
-                    "database still unavailable at the shutdown deadline: %d messages left "
-                    "unacknowledged for redelivery",
-                    self.source.unacked,
-                )
-                return
+                self._shutdown_timed_out()
+
+    def _shutdown_timed_out(self) -> None:
+        log.error(
+            "database still unavailable at the shutdown deadline: %d messages left "
+            "unacknowledged for redelivery",
+            self.source.unacked,
+        )
+
+    def prepare(self, batch: Batch) -> Prepared:
+        """Decode and coalesce a batch (CPU only: runs while the previous batch is written)."""
+        max_payload = self.settings.max_payload_bytes
+        # The token's account (from the CONNACK) for messages that carry no cid property.
+        default_cid = self.source.account_cid
+        decoded = [
+            (m.inbound, decode(m.inbound, max_payload, default_cid)) for m in batch.messages
+        ]
+        return Prepared(batch, decoded, coalesce(decoded))
 
     async def commit(self, batch: Batch) -> WriteResult:
         """Decode, coalesce, write (retrying while the database is away), then acknowledge the
         batch (it carries its own ack, to the session it came from)."""
+        return await self.write(self.prepare(batch))
+
+    async def write(self, prepared: Prepared) -> WriteResult:
+        """Write a prepared batch (retrying while the database is away), then acknowledge it."""
+        batch, decoded, plan = prepared
         messages = batch.messages
-        max_payload = self.settings.max_payload_bytes
-        # The token's account (from the CONNACK) for messages that carry no cid property.
-        default_cid = self.source.account_cid
-        decoded = [(m.inbound, decode(m.inbound, max_payload, default_cid)) for m in messages]
-        plan = coalesce(decoded)
         self._in_hand_since = messages[0].inbound.received_at if messages else None
         try:
             result = await self._write_until_done(plan)
