@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import orjson
+
 from mirror.records import Reason
 
 # Device time is device time: trackers replay old backlogs and GPS week rollovers report 1999,
@@ -91,12 +93,23 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def parse_json(payload: bytes) -> tuple[str, Any]:
-    """Validate a payload as JSON that PostgreSQL's jsonb accepts; return (text, value)."""
+_SLOW = object()
+# orjson's integers stop at 64 bits (it turns longer ones into floats); such payloads, and any
+# orjson refuses, go to the standard library's parser, which says exactly why one is refused.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _fast_loads(payload: bytes) -> Any:
+    """orjson's parse (several times the standard library's speed), or ``_SLOW``."""
+    if _LONG_DIGITS.search(payload):
+        return _SLOW
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Invalid(Reason.INVALID_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return _SLOW
+
+
+def _strict_loads(text: str) -> Any:
     try:
         value = json.loads(
             text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_integer
@@ -107,6 +120,18 @@ def parse_json(payload: bytes) -> tuple[str, Any]:
         raise Invalid(Reason.TOO_DEEPLY_NESTED, "JSON nesting too deep to parse") from None
     except ValueError as exc:
         raise Invalid(Reason.MALFORMED_JSON, f"malformed JSON: {str(exc)[:120]}") from None
+    return value
+
+
+def parse_json(payload: bytes) -> tuple[str, Any]:
+    """Validate a payload as JSON that PostgreSQL's jsonb accepts; return (text, value)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Invalid(Reason.INVALID_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
+    value = _fast_loads(payload)
+    if value is _SLOW:
+        value = _strict_loads(text)
     if "\\u0000" in text and _holds_nul(value):
         raise Invalid(Reason.UNSUPPORTED_UNICODE, "JSON text holds U+0000, which jsonb refuses")
     if _SURROGATE_ESCAPE.search(text):
