@@ -22,6 +22,7 @@ again and its messages are skipped as already stored: nothing is duplicated or s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -221,26 +222,42 @@ class Backfill:
         await self._save_progress(stream, self.job.end, True)
 
     async def _device(self, device_id: int, resume: float | None) -> None:
+        """Page through a device's messages; the next page is fetched while this one is
+        written (its start is known once this page has arrived), so the REST round trip and
+        the database write overlap. Progress is saved after a page is written, never before."""
         begin = self.job.begin if resume is None else max(self.job.begin, resume)
         after = resume  # messages at or before this timestamp are done
-        while True:
-            page = await self.rest.get(
-                f"gw/devices/{device_id}/messages",
-                {"from": begin, "to": self.job.end, "count": self.page_size},
-            )
-            messages = [m for m in page if isinstance(m, dict) and _ts(m) is not None]
-            fresh = [m for m in messages if after is None or _ts(m) > after]  # type: ignore[operator]
-            self.report.fetched += len(fresh)
-            metrics.BACKFILL_MESSAGES.labels("fetched").inc(len(fresh))
-            self.progress(0, len(fresh))
-            last_page = len(page) < self.page_size or not fresh
-            if fresh:
-                await self._write_messages(device_id, fresh)
+        fetching = asyncio.ensure_future(self._page(device_id, begin))
+        try:
+            while True:
+                page = await fetching
+                messages = [m for m in page if isinstance(m, dict) and _ts(m) is not None]
+                fresh = [m for m in messages if after is None or _ts(m) > after]  # type: ignore[operator]
+                self.report.fetched += len(fresh)
+                metrics.BACKFILL_MESSAGES.labels("fetched").inc(len(fresh))
+                self.progress(0, len(fresh))
+                last_page = len(page) < self.page_size or not fresh
+                if not fresh:
+                    return
                 after = begin = max(_ts(m) or 0.0 for m in fresh)
-                if not last_page:  # the last page's progress is the stream's "finished"
-                    await self._save_progress(f"device:{device_id}", after, False)
-            if last_page:
-                return
+                if not last_page:
+                    fetching = asyncio.ensure_future(self._page(device_id, begin))
+                await self._write_messages(device_id, fresh)
+                if last_page:  # the last page's progress is the stream's "finished"
+                    return
+                await self._save_progress(f"device:{device_id}", after, False)
+        finally:
+            if not fetching.done():
+                fetching.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetching
+
+    async def _page(self, device_id: int, begin: float) -> list[Any]:
+        page: list[Any] = await self.rest.get(
+            f"gw/devices/{device_id}/messages",
+            {"from": begin, "to": self.job.end, "count": self.page_size},
+        )
+        return page
 
     async def _write_messages(self, device_id: int, messages: list[dict[str, Any]]) -> None:
         stamps = [_ts(m) for m in messages]
