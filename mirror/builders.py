@@ -153,9 +153,13 @@ def interval_identity(
 
 def calculator_device(f: Fields, msg: Inbound, cid: int | None) -> Record:
     """``flespi/state/gw/calcs/{calc}/devices/{dev}/last|active|synced`` (retained)."""
+    last_active = None
+    if f["field"] == "last":  # flespi's KB: a user property 'active' (true/false) on last
+        last_active = {"true": True, "false": False}.get(msg.properties.get("active", ""))
     return CalculatorDeviceUpdate(
-        f["calc_id"], f["device_id"], f["field"], _state_value(msg), _ts(msg), msg.received_at, cid
-    )
+        f["calc_id"], f["device_id"], f["field"], _state_value(msg), _ts(msg), msg.received_at,
+        cid, last_active,
+    )  # fmt: skip
 
 
 # Activation events describe the calculator's state for the device, not an interval: they set
@@ -190,6 +194,8 @@ def _activation(f: Fields, msg: Inbound, cid: int | None) -> Record:
 
 def interval(f: Fields, msg: Inbound, cid: int | None) -> Record:
     event: str = f["event"]
+    if event == "finished":  # a legacy name flespi's UI still handles: the interval's last update
+        event = "updated"
     if event in _ACTIVATION_EVENTS:
         return _activation(f, msg, cid)
     text, value = _interval_payload(event, msg)

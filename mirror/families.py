@@ -186,7 +186,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         (
             RouteSpec(
                 "flespi/interval/gw/calcs/{calc_id:int}/devices/{device_id:int}"
-                "/{event:created|updated|deleted|activated|deactivated|active}",
+                "/{event:created|updated|deleted|activated|deactivated|active|finished}",
                 builders.interval,
             ),
         ),

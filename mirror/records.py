@@ -203,6 +203,7 @@ class CalculatorDeviceUpdate:
     ts: float
     received_at: float
     cid: int | None = None
+    last_active: bool | None = None  # ``last`` only: its ``active`` user property
     family = Family.CALCULATOR_DEVICE
     value_field = "value"  # None in it: a deletion
 

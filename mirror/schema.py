@@ -446,6 +446,11 @@ calculator_devices = Table(
     Column("last", JSONB, comment="the last interval (.../last)"),
     Column("last_ts", TS),
     Column(
+        "last_active",
+        Boolean,
+        comment="the 'active' user property of .../last: the last interval is still open",
+    ),
+    Column(
         "active",
         JSONB,
         comment="the active interval (.../active, activation events); JSON null: none",

@@ -213,6 +213,7 @@ _CALCULATOR_COLUMNS = (
     _CID,
     _TS,
     _RECEIVED,
+    Col("last_active", Kind.BOOL),
 )
 
 
@@ -242,16 +243,21 @@ def _calculator_upsert() -> TextClause:
         WITH w AS (
             SELECT DISTINCT ON (u.calc_id, u.device_id, u.field)
                    u.calc_id, u.device_id, u.field, u.value::jsonb AS value, u.cid,
+                   u.last_active,
                    to_timestamp(u.ts) AS ts, to_timestamp(u.received_at) AS received_at
             FROM {_unnest(_CALCULATOR_COLUMNS)}
             ORDER BY u.calc_id, u.device_id, u.field, to_timestamp(u.ts) DESC,
                      u.value IS NULL DESC, u.value::jsonb DESC
         )
-        INSERT INTO calculator_devices AS cur (calc_id, device_id, cid, {columns}, ts,
-                                               received_at)
-        SELECT calc_id, device_id, max(cid), {pivot}, max(ts), max(received_at)
+        INSERT INTO calculator_devices AS cur (calc_id, device_id, cid, {columns}, last_active,
+                                               ts, received_at)
+        SELECT calc_id, device_id, max(cid), {pivot},
+               (array_agg(last_active) FILTER (WHERE field = 'last'))[1], max(ts),
+               max(received_at)
         FROM w GROUP BY calc_id, device_id
         ON CONFLICT (calc_id, device_id) DO UPDATE SET {sets},
+            last_active = CASE WHEN {_field_is_newer("last")} THEN EXCLUDED.last_active
+                               ELSE cur.last_active END,
             ts = greatest(cur.ts, EXCLUDED.ts),
             received_at = greatest(cur.received_at, EXCLUDED.received_at),
             cid = coalesce(EXCLUDED.cid, cur.cid)

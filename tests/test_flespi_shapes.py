@@ -5,6 +5,7 @@ families, device time, ties, telemetry expiry, deleted devices."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 
@@ -91,6 +92,40 @@ async def test_activation_events_set_the_active_state_not_the_interval(broker, s
         await settle(running)
         assert await query(engine, "SELECT active::text FROM calculator_devices") == [("null",)]
         assert await query(engine, "SELECT event FROM intervals") == [("created",)]
+
+
+async def test_the_last_intervals_active_property_is_kept_with_it(broker, settings):
+    """flespi's KB: ``.../last`` may carry a user property ``active``; it follows ``last``
+    (an older ``last`` does not change it), and is NULL when flespi did not send it."""
+    last = {"begin": TS - 60, "end": TS, "timestamp": TS}
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            for device, active in ((1, "true"), (2, "false")):
+                topic = CALC_DEVICE.format(device=device, field="last")
+                pub.publish(topic, last, TS, retain=True, properties={"active": active})
+            pub.publish(CALC_DEVICE.format(device=3, field="last"), last, TS, retain=True)
+            older = CALC_DEVICE.format(device=1, field="last")
+            pub.publish(older, last, TS - 5, retain=True, properties={"active": "false"})
+        await settle(running)
+        assert await query(
+            running.engine, "SELECT device_id, last_active FROM calculator_devices ORDER BY 1"
+        ) == [(1, True), (2, False), (3, None)]
+
+
+async def test_a_finished_event_is_the_intervals_last_update(broker, settings):
+    """``finished``, a legacy event name flespi's UI still handles, updates the interval."""
+    interval = "flespi/interval/gw/calcs/9/devices/1/{event}"
+    async with running_mirror(settings) as running:
+        with publisher(broker.url) as pub:
+            pub.publish(interval.format(event="created"), {"id": 5, "begin": TS}, TS)
+            done = {"id": 5, "begin": TS, "end": TS + 60, "duration": 60}
+            pub.publish(interval.format(event="finished"), done, TS + 60)
+        await settle(running)
+        engine = running.engine
+        assert await query(engine, 'SELECT event, "end", duration FROM intervals') == [
+            ("updated", datetime.fromtimestamp(TS + 60, UTC), 60.0)
+        ]
+        assert await query(engine, "SELECT count(*) FROM dead_letters") == [(0,)]
 
 
 async def test_one_property_update_patches_props_and_a_later_deletion_removes_it(broker, settings):
