@@ -163,6 +163,7 @@ class Settings:
     data_dir: str | None = None
     shutdown_timeout: float = 15.0
     retention_days: int = 0
+    stall_after: float = 30.0  # seconds without a commit while messages wait: not ready
     compact_after: float = 0.25  # hours; 0: history stays one row per message
     compaction_interval: float = 60.0  # seconds between compaction passes once caught up
     compaction_pause: float = 1.0  # sleep this many times a step's duration after it
@@ -211,7 +212,9 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", setting=name)
-        for name in ("retention_days", "tombstone_days", "session_expiry", "compact_after"):
+        for name in (
+            "retention_days", "tombstone_days", "session_expiry", "compact_after", "stall_after"
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError("must be 0 or positive", setting=name)
         if not 0 <= self.metrics_port <= 65535:

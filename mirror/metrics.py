@@ -131,6 +131,22 @@ READY = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemin",
 )
+CURRENT_LAG = Gauge(
+    f"{PREFIX}_current_lag_seconds",
+    "How far behind flespi the mirror is now: now minus flespi's time of the newest message "
+    "committed (server.timestamp of device and channel messages, the timestamp property of the "
+    "rest; retained snapshots left out). 0 until a message is committed; grows while nothing "
+    "new arrives, so read it with flespi_mirror_stalled_seconds.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+STALLED = Gauge(
+    f"{PREFIX}_stalled_seconds",
+    "Seconds without a commit while messages wait to be written (0 while batches commit, or "
+    "nothing waits). Past --stall-after, /readyz answers 503 'stalled'.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
 LAST_COMMIT = Gauge(
     f"{PREFIX}_last_commit_timestamp_seconds",
     "Unix time of the last committed batch.",
@@ -255,10 +271,12 @@ class Health:
     # Why the last write failed, while the database is not ok ("" when unknown).
     database_problem: str = ""
     batch_held: bool = False
+    # Why the mirror is stuck though nothing failed ("" while it progresses): see --stall-after.
+    stalled: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.mqtt_connected and self.database_ok and not self.stopping
+        return self.mqtt_connected and self.database_ok and not self.stopping and not self.stalled
 
     def not_ready_reasons(self) -> list[str]:
         database = "batch held" if self.batch_held else "database unavailable"
@@ -268,6 +286,7 @@ class Health:
             ("mqtt disconnected", self.mqtt_connected),
             (database, self.database_ok),
             ("stopping", not self.stopping),
+            (self.stalled, not self.stalled),
         )
         return [name for name, ok in checks if not ok]
 

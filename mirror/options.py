@@ -336,6 +336,13 @@ OPTIONS: tuple[Option, ...] = (
         parse=integer,
     ),
     Option(
+        "stall_after",
+        "Seconds without a commit while messages wait (a lock, a statement that never ends, a "
+        "frozen link after the broker sent them) before /readyz answers 503 'stalled' and "
+        "flespi_mirror_stalled_seconds says so; 0 turns the check off.",
+        parse=number,
+    ),
+    Option(
         "compact_after",
         "Pack device and channel messages older than this many hours into one compressed row "
         "per device (channel and ident) and hour, about a tenth of the size (docs/sizing.md), "

@@ -79,6 +79,8 @@ class Mirror:
         self.committed_batches = 0
         self._in_hand_since: float | None = None  # receive time of the batch being written
         self._full_batch_at = float("-inf")  # monotonic time of the last batch taken full
+        self._last_commit_at = 0.0  # Unix time of the last commit (0: none yet)
+        self._newest_sent: float | None = None  # flespi's time of the newest message committed
 
     def _connection_changed(self, up: bool) -> None:
         self.health.update(mqtt_connected=up)
@@ -196,9 +198,25 @@ class Mirror:
 
     def update_gauges(self) -> None:
         """Gauges of what is held now; refreshed on a timer so a stall shows while it lasts."""
-        metrics.UNACKED.set(self.source.unacked)
+        now = time.time()
+        unacked = self.source.unacked
+        metrics.UNACKED.set(unacked)
         oldest = self._in_hand_since or self.source.oldest_buffered_at()
-        metrics.OLDEST_UNACKED_AGE.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        metrics.OLDEST_UNACKED_AGE.set(max(0.0, now - oldest) if oldest else 0.0)
+        # Stalled: messages wait, and nothing was committed since the oldest of them arrived.
+        stalled = max(0.0, now - max(self._last_commit_at, oldest)) if unacked and oldest else 0.0
+        metrics.STALLED.set(stalled)
+        if self._newest_sent is not None:
+            metrics.CURRENT_LAG.set(max(0.0, now - self._newest_sent))
+        limit = self.settings.stall_after
+        reason = ""
+        if limit > 0 and stalled >= limit:
+            reason = f"stalled: no commit for {stalled:.0f}s while {unacked} messages wait"
+        if reason != self.health.stalled:
+            if reason and not self.health.stalled:
+                log.warning("%s", reason)
+            self.health.stalled = reason
+            self.health.update()
 
     async def _gauge_loop(self, interval: float = 0.5) -> None:
         while True:
@@ -353,7 +371,7 @@ class Mirror:
         finally:
             self._in_hand_since = None
         acked = batch.ack()
-        now = time.time()
+        now = self._last_commit_at = time.time()
         self._observe(messages, decoded, plan, result, now)
         self.committed_messages += len(batch)
         self.committed_batches += 1
@@ -414,6 +432,8 @@ class Mirror:
             sent = lag_reference(inbound, record)
             if sent is not None:
                 metrics.LAG.observe(max(0.0, now - sent))
+                if self._newest_sent is None or sent > self._newest_sent:
+                    self._newest_sent = sent
         for (family, qos), count in families.items():
             metrics.MESSAGES_RECEIVED.labels(family, str(qos)).inc(count)
         for (table, operation), count in result.rows.items():

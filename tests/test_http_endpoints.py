@@ -233,3 +233,41 @@ def test_a_thousand_idle_connections_start_no_thread_and_are_closed_after_the_ti
         for sock in idle:
             sock.close()
         server.stop()
+
+
+async def test_readyz_says_stalled_while_messages_wait_and_nothing_commits(
+    broker: MosquittoBroker, database: TestDatabase, schema_name: str
+) -> None:
+    """A lock raises no error: the batch just waits. Past --stall-after, /readyz says so and
+    flespi_mirror_stalled_seconds counts; once the lock goes the mirror is ready again, and
+    flespi_mirror_current_lag_seconds says how far behind flespi the newest commit is."""
+    settings = settings_for(broker.url, database.url, schema_name, stall_after=1.0)
+    async with running_mirror(settings) as running:
+        server = MetricsServer("127.0.0.1", 0, running.mirror.health).start()
+        try:
+            async with running.engine.connect() as blocker:
+                await blocker.exec_driver_sql("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+                with publisher(broker.url) as pub:
+                    for n in range(5):
+                        pub.publish(f"flespi/state/gw/devices/7/telemetry/p{n}", n, time.time())
+                deadline = time.monotonic() + 10
+                while (status := await aget(server.port, "/readyz"))[0] == 200:
+                    assert time.monotonic() < deadline, "/readyz stayed 200 through the stall"
+                    await asyncio.sleep(0.2)
+                assert status[0] == 503 and "stalled: no commit for" in status[2]
+                assert "5 messages wait" in status[2]
+                scraped = samples((await aget(server.port, "/metrics"))[2])
+                assert value(scraped, "flespi_mirror_stalled_seconds") >= 1.0
+                assert value(scraped, "flespi_mirror_ready") == 0
+                await blocker.rollback()
+            with publisher(broker.url) as pub:  # an old message: the newest commit counts
+                pub.publish("flespi/state/gw/devices/7/telemetry/old", 1, time.time() - 100)
+            deadline = time.monotonic() + 10
+            while (await aget(server.port, "/readyz"))[0] != 200:
+                assert time.monotonic() < deadline, "/readyz stayed 503 after the lock went"
+                await asyncio.sleep(0.2)
+            scraped = samples((await aget(server.port, "/metrics"))[2])
+            assert value(scraped, "flespi_mirror_stalled_seconds") == 0
+            assert 0 <= value(scraped, "flespi_mirror_current_lag_seconds") < 5
+        finally:
+            server.stop()
