@@ -130,6 +130,13 @@ class MirrorProcess:
                     return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         return None
 
+    def connected_at(self) -> float:
+        """Unix time of the daemon's ``connected to`` log line: where a drain's time starts."""
+        connected = self.log_time("connected to")
+        if connected is None:
+            raise RuntimeError("no 'connected to' line in the mirror's log")
+        return connected
+
     def wait_committed(self, count: int, timeout: float, poll: float = 0.1) -> Metrics:
         """Poll /metrics until ``count`` messages are committed; fail on a stall or a crash."""
         deadline = time.monotonic() + timeout

@@ -30,9 +30,8 @@ from typing import Any
 
 from bench.daemon import MirrorProcess
 from bench.fleet import FIRST_DEVICE_ID, Fleet
-from bench.scenarios import Options, _log, _mirror_counts, _with_backlog
+from bench.scenarios import Options, _drained_rows, _log, _with_backlog
 from bench.services import services
-from bench.workload import Mix
 
 DAYS = 7
 BATCH = 5_000
@@ -360,15 +359,8 @@ def _drain(opts: Options, compact_after: str, prefill_hours: int, devices: int) 
             compacted = mirror.metric_sum("flespi_mirror_compacted_messages_total")
         finally:
             mirror.stop()
-        connected = mirror.log_time("connected to")
-        if connected is None:
-            raise RuntimeError("no 'connected to' line in the mirror's log")
-        counts = _mirror_counts(s.database_url, SCHEMA)
-        expected = Mix().expected(opts.messages)
-        expected["device_messages"] += prefilled
-        if any(counts[k] != v for k, v in expected.items()):
-            raise RuntimeError(f"mirror rows {counts} != expected {expected}")
-        seconds = m.last_commit - connected
+        _drained_rows(s.database_url, SCHEMA, opts.messages, prefilled)
+        seconds = m.last_commit - mirror.connected_at()
         return {"messages": opts.messages, "seconds": seconds, "rate": opts.messages / seconds,
                 "prefilled": prefilled, "compacted_during_drain": compacted}  # fmt: skip
 

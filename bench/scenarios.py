@@ -89,6 +89,18 @@ def _mirror_counts(database_url: str, schema: str) -> dict[str, int]:
 # Drain of a queued backlog: the limit, the naive peer, the mirror
 
 
+def _drained_rows(
+    database_url: str, schema: str, messages: int, prefilled_device_messages: int = 0
+) -> dict[str, int]:
+    """The mirror's rows after draining ``messages`` of the mix; raises unless exactly those."""
+    counts = _mirror_counts(database_url, schema)
+    expected = Mix().expected(messages)
+    expected["device_messages"] += prefilled_device_messages
+    if any(counts[k] != v for k, v in expected.items()):
+        raise RuntimeError(f"mirror rows {counts} != expected {expected}")
+    return counts
+
+
 def _with_backlog(s: Services, client_id: str, count: int) -> float:
     prime_session(s.broker.url, client_id)
     return publish_backlog(s.broker.url, count)
@@ -168,9 +180,7 @@ def drain_mirror(
             if spy is not None:
                 _stop_profiler(spy)
             mirror.stop()
-        connected = mirror.log_time("connected to")
-        if connected is None:
-            raise RuntimeError("no 'connected to' line in the mirror's log")
+        connected = mirror.connected_at()
         counts = _mirror_counts(s.database_url, schema)
         expected = Mix().expected(count)
         complete = all(counts[k] == v for k, v in expected.items())
@@ -241,8 +251,7 @@ def retained_snapshot(
         finally:
             peak_mb = peak.stop()
             mirror.stop()
-        connected = mirror.log_time("connected to")
-        assert connected is not None
+        connected = mirror.connected_at()
         rows = _mirror_counts(s.database_url, schema)["telemetry"]
         if rows != min(count, devices * 50):
             raise RuntimeError(f"{rows} telemetry rows after the snapshot, expected {count}")
@@ -579,14 +588,8 @@ def _drain_with_workers(opts: Options, workers: int, group: str) -> dict[str, An
             m = mirror.wait_committed(opts.messages, timeout=600)
         finally:
             mirror.stop()
-        connected = mirror.log_time("connected to")
-        if connected is None:
-            raise RuntimeError("no 'connected to' line in the mirror's log")
-        counts = _mirror_counts(s.database_url, schema)
-        expected = Mix().expected(opts.messages)
-        if any(counts[k] != v for k, v in expected.items()):
-            raise RuntimeError(f"mirror rows {counts} != expected {expected}")
-        seconds = m.last_commit - connected
+        counts = _drained_rows(s.database_url, schema, opts.messages)
+        seconds = m.last_commit - mirror.connected_at()
         return {
             "workers": workers,
             "messages": opts.messages,
