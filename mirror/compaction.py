@@ -130,8 +130,9 @@ async def compact(
     pause: Callable[[float], Awaitable[None]] | None = None,
 ) -> CompactionReport:
     """One pass: move the horizon, then pack due rows until caught up or ``budget`` seconds
-    are spent. ``pause(seconds_the_last_step_took)`` is awaited before every step when given
-    (0 before the first): the daemon's pacing, so that ingestion keeps the database."""
+    are spent. ``pause(seconds)`` is awaited when given, before the horizon moves (with 0) and
+    between steps (with the last step's duration): the daemon's pacing, so that ingestion keeps
+    the database."""
     report = CompactionReport()
     now = time.time() if now is None else now
     due = hour_start(now - after_hours * 3600.0)
@@ -140,11 +141,11 @@ async def compact(
     report.horizon = await move_horizon(engine, due)
     horizon = report.horizon if report.horizon is not None else float("-inf")
     started = time.monotonic()
-    took = 0.0
+    took: float | None = None  # the last step's duration; None before the first step
     for tier in TIERS:
         made: set[dt.date] = set()
         while time.monotonic() - started < budget:
-            if pause is not None:
+            if pause is not None and took is not None:
                 await pause(took)
             async with engine.connect() as conn:
                 oldest = (await conn.execute(_OLDEST[tier.name], {"horizon": horizon})).scalar()
