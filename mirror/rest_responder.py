@@ -94,6 +94,8 @@ class AccountRecord:
         events carry none; the REST answer lists each as it was last published (without an
         id when its events have none: what flespi lists for such a calculator is
         UNCONFIRMED)."""
+        if event == "finished":  # a legacy name for the interval's last update
+            event = "updated"
         if event not in ("created", "updated", "deleted"):
             return  # activation events: the calculator's state, not an interval
         interval = json.loads(payload)

@@ -189,7 +189,9 @@ class AcknowledgedPublisher:
         # paho's Properties.__init__ has no annotations
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         stamp = time.time()
-        properties.UserProperty = [("timestamp", f"{stamp:.6f}"), ("cid", str(publication.cid))]
+        properties.UserProperty = [
+            ("timestamp", f"{stamp:.6f}"), ("cid", str(publication.cid)), *publication.properties
+        ]
         if publication.expiry is not None:
             properties.MessageExpiryInterval = publication.expiry
         info = self.client.publish(

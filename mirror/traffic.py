@@ -107,6 +107,8 @@ class Publication:
     retain: bool
     cid: int = ACCOUNT_ID  # the account it belongs to (the cid user property)
     expiry: int | None = None  # MQTT 5 message expiry, seconds
+    # User properties besides timestamp and cid (a calculator's last: 'active').
+    properties: tuple[tuple[str, str], ...] = ()
     # The simulator's own identity of an interval whose event does not carry its id (the
     # calculator without ids): for the simulated account's record, never published.
     interval: int | None = None
@@ -488,7 +490,8 @@ class TrafficGenerator:
             self.next_interval_id += 1
             device.interval = interval
         elif roll < 0.93:
-            event = "updated"
+            # Now and then by the legacy name flespi's UI still handles: the same update.
+            event = "finished" if roll >= 0.9 else "updated"
             interval.end = max(int(now), interval.end + 1)
             interval.mileage += rng.uniform(0.1, 3.0)
             interval.max_speed = max(interval.max_speed, rng.randint(20, 120))
@@ -568,7 +571,12 @@ class TrafficGenerator:
         if device.interval is not None:
             active = {"id": device.interval.id, "begin": device.interval.begin}
         for field, value in (("last", last), ("active", active), ("synced", synced)):
-            yield self._of(device, "calculator_device", f"{base}/{field}", _json(value), True)
+            topic = f"{base}/{field}"
+            publication = self._of(device, "calculator_device", topic, _json(value), True)
+            if field == "last":  # flespi's KB: whether the last interval is still open
+                flag = "true" if active is not None else "false"
+                publication = dataclasses.replace(publication, properties=(("active", flag),))
+            yield publication
 
     def _connection(self, device: SimulatedDevice) -> Publication:
         conn = 7_000_000 + device.index * 10 + self.rng.randrange(3)

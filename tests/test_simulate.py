@@ -220,7 +220,7 @@ def test_interval_updates_and_deletions_refer_to_a_created_interval(
                 spans.pop(device, None)
                 continue
             assert interval["duration"] == interval["end"] - interval["begin"]
-            if event == "updated":
+            if event in ("updated", "finished"):  # finished: the legacy name of an update
                 begin, end = spans[device]
                 assert interval["begin"] <= begin and interval["end"] >= end, m.payload
             elif device in spans:
@@ -241,7 +241,7 @@ def test_the_calculator_without_ids_moves_begin_and_deletes_by_any_field() -> No
     """The generator alone (no I/O), long enough to see every id-less shape."""
     generator = TrafficGenerator(devices=4, seed=3)
     open_: dict[str, tuple[int, int]] = {}
-    moved, shapes = 0, set()
+    moved, finished, shapes = 0, 0, set()
     for p in itertools.islice(generator.live(), 60_000):
         if p.family != "interval" or "/calcs/8002/" not in p.topic:
             continue
@@ -252,12 +252,14 @@ def test_the_calculator_without_ids_moves_begin_and_deletes_by_any_field() -> No
             shapes.add(tuple(sorted(set(interval) & {"begin", "end"})))
             open_.pop(device, None)
             continue
-        if event == "updated":
+        finished += event == "finished"
+        if event in ("updated", "finished"):
             moved += interval["begin"] < open_[device][0]
         elif device in open_:
             assert interval["begin"] > open_[device][1], "intervals of a device overlap"
         open_[device] = (interval["begin"], interval["end"])
     assert moved, "no update moved an interval's begin"
+    assert finished, "no update came by the legacy name 'finished'"
     assert shapes == {("begin", "end"), ("end",), ("begin",)}, shapes
 
 
