@@ -204,6 +204,21 @@ BATCH_HELD = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemax",
 )
+SET_ASIDE = Gauge(
+    f"{PREFIX}_set_aside_records",
+    "Records that ran out of time when written alone, waiting in the side queue (retried with "
+    "backoff, their messages unacknowledged) while the rest of the stream commits. Above 0, "
+    "/readyz answers 503 'set aside: ...'.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+SET_ASIDE_TOTAL = Counter(
+    f"{PREFIX}_set_aside_total",
+    "Records set aside after timing out alone, by outcome: set_aside (entered the side queue), "
+    "written (a retry committed it).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 
 REST_REQUESTS = Counter(
     f"{PREFIX}_rest_requests_total",
@@ -273,10 +288,18 @@ class Health:
     batch_held: bool = False
     # Why the mirror is stuck though nothing failed ("" while it progresses): see --stall-after.
     stalled: str = ""
+    # Records waiting in the side queue after timing out alone ("" when none): pipeline.py.
+    set_aside: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.mqtt_connected and self.database_ok and not self.stopping and not self.stalled
+        return (
+            self.mqtt_connected
+            and self.database_ok
+            and not self.stopping
+            and not self.stalled
+            and not self.set_aside
+        )
 
     def not_ready_reasons(self) -> list[str]:
         database = "batch held" if self.batch_held else "database unavailable"
@@ -287,6 +310,7 @@ class Health:
             (database, self.database_ok),
             ("stopping", not self.stopping),
             (self.stalled, not self.stalled),
+            (self.set_aside, not self.set_aside),
         )
         return [name for name, ok in checks if not ok]
 

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN = 0.2
 RETRY_MAX = 10.0
+# A record set aside is retried on its own after 1 s (a lock that made it time out may be gone),
+# then at doubling intervals up to 5 minutes.
+ASIDE_RETRY_MIN = 1.0
+ASIDE_RETRY_MAX = 300.0
 
 
 class Prepared(NamedTuple):
@@ -46,6 +51,24 @@ class Prepared(NamedTuple):
     batch: Batch
     decoded: list[tuple[Inbound, Record | Rejection]]
     plan: WritePlan
+
+
+@dataclass
+class _Aside:
+    """A record set aside after it timed out alone (store.py), with its messages, unacked."""
+
+    plan: WritePlan
+    batch: Batch
+    since: float  # Unix time it was set aside
+    detail: str
+    attempts: int = 0
+    next_try: float = field(default_factory=lambda: time.monotonic() + ASIDE_RETRY_MIN)
+
+    def retry_later(self, detail: str) -> None:
+        self.detail = detail
+        self.attempts += 1
+        delay = min(ASIDE_RETRY_MAX, ASIDE_RETRY_MIN * 2**self.attempts)
+        self.next_try = time.monotonic() + delay
 
 
 class ShutdownTimeout(Exception):
@@ -81,6 +104,8 @@ class Mirror:
         self._full_batch_at = float("-inf")  # monotonic time of the last batch taken full
         self._last_commit_at = 0.0  # Unix time of the last commit (0: none yet)
         self._newest_sent: float | None = None  # flespi's time of the newest message committed
+        self._aside: list[_Aside] = []  # the side queue: records that timed out alone
+        self._aside_store = Store(engine, max_payload_bytes=settings.max_payload_bytes)
 
     def _connection_changed(self, up: bool) -> None:
         self.health.update(mqtt_connected=up)
@@ -129,6 +154,7 @@ class Mirror:
             asyncio.create_task(self._expiry_loop(), name="telemetry-expiry"),
         ]
         helpers.append(asyncio.create_task(self._recount_loop(), name="summary-recount"))
+        helpers.append(asyncio.create_task(self._aside_loop(), name="side-queue"))
         if self.settings.compact_after > 0:
             helpers.append(asyncio.create_task(self._compaction_loop(), name="compaction"))
         if self.settings.share_group:
@@ -147,6 +173,11 @@ class Mirror:
         finally:
             for task in helpers:
                 task.cancel()
+            if self._aside:
+                log.warning(
+                    "%d records set aside stay unacknowledged: the broker delivers them again",
+                    len(self._aside),
+                )
             self.source.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await session
@@ -370,6 +401,8 @@ class Mirror:
             result = await self._write_until_done(plan)
         finally:
             self._in_hand_since = None
+        if result.set_aside:
+            self._set_aside(batch, plan, result.set_aside)
         acked = batch.ack()
         now = self._last_commit_at = time.time()
         self._observe(messages, decoded, plan, result, now)
@@ -385,7 +418,7 @@ class Mirror:
         while True:
             started = time.perf_counter()
             try:
-                result = await self.store.write(plan)
+                result = await self.store.write(plan, set_aside=True)
             except DatabaseUnavailable as exc:
                 if outage_started is None:
                     outage_started = time.monotonic()
@@ -403,6 +436,75 @@ class Mirror:
             if not self.health.database_ok:
                 self.health.database_recovered()
             return result
+
+    # -- the side queue ------------------------------------------------------------------
+    # A record that times out when written alone would hold every later batch for good (the
+    # store would retry the same plan forever). It is set aside instead: its messages leave
+    # the batch, unacknowledged (the broker keeps them; a restart gets them again), and it is
+    # retried on its own with backoff while the rest of the stream commits. Newest-wins guards
+    # make the later write of an older record harmless. /readyz and a gauge show it waiting.
+
+    def _set_aside(self, batch: Batch, plan: WritePlan, records: list[tuple[Record, str]]) -> None:
+        now = time.time()
+        for record, detail in records:
+            origin = plan.origins.get(id(record))
+            alone = WritePlan()
+            alone.add(record)
+            if origin is not None:
+                alone.origins[id(record)] = origin
+            held = batch.take_out({id(origin)} if origin is not None else set())
+            self._aside.append(_Aside(alone, held, now, detail))
+            metrics.SET_ASIDE_TOTAL.labels("set_aside").inc()
+            log.error(
+                "a %s record timed out when written alone (%s): set aside, retried on its own "
+                "while the rest of the stream commits",
+                record.family,
+                detail,
+            )
+        self._show_aside()
+
+    def _show_aside(self) -> None:
+        metrics.SET_ASIDE.set(len(self._aside))
+        reason = ""
+        if self._aside:
+            oldest = min(a.since for a in self._aside)
+            reason = (
+                f"set aside: {len(self._aside)} records timed out alone (oldest "
+                f"{max(0.0, time.time() - oldest):.0f}s ago, last error {self._aside[-1].detail})"
+            )
+        if reason != self.health.set_aside:
+            self.health.set_aside = reason
+            self.health.update()
+
+    async def retry_set_aside(self) -> None:
+        """Write each record of the side queue whose retry is due; acknowledge those written."""
+        for entry in list(self._aside):
+            if entry.next_try > time.monotonic():
+                continue
+            try:
+                result = await self._aside_store.write(entry.plan, set_aside=True)
+            except DatabaseUnavailable as exc:
+                entry.retry_later(exc.detail)
+                continue
+            if result.set_aside:
+                entry.retry_later(result.set_aside[0][1])
+                continue
+            self._aside.remove(entry)
+            entry.batch.ack()
+            metrics.SET_ASIDE_TOTAL.labels("written").inc()
+            log.info("a record set aside %.0fs ago is written", time.time() - entry.since)
+            for (table, operation), count in result.rows.items():
+                if count:
+                    metrics.ROWS_WRITTEN.labels(table, operation).inc(count)
+            for reason, count in result.dead_letters.items():
+                metrics.DEAD_LETTERS.labels(reason).inc(count)
+        self._show_aside()
+
+    async def _aside_loop(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._aside:
+                await self.retry_set_aside()
 
     def _hold(self, exc: DatabaseUnavailable, *, first: bool) -> None:
         """Count, report and log (once per outage, and whenever the reason changes) a held

@@ -49,7 +49,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mqtt5
@@ -135,6 +135,15 @@ class Batch:
             return 0
         self._done = True
         return self._ack(self)
+
+    def take_out(self, inbound: Collection[int]) -> Batch:
+        """Move the messages whose ``inbound`` is one of those given (by ``id``) into a batch of
+        their own, acknowledged on its own later (a record set aside: see pipeline.py)."""
+        out = [m for m in self.messages if id(m.inbound) in inbound]
+        self.messages = [m for m in self.messages if id(m.inbound) not in inbound]
+        size = sum(m.size for m in out)
+        self.size -= size
+        return Batch(out, size, self._ack)
 
     def __len__(self) -> int:
         return len(self.messages)

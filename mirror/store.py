@@ -18,6 +18,13 @@ A failing part is split in halves, each in its own savepoint, until it passes or
 left; so one refused row in a thousand costs about 2 x log2(1000) statements, not a savepoint
 per row. When the server dropped the connection, the transaction is gone: the plan is written
 again in parts half the size of the one that broke it.
+
+One record that still runs out of time alone (a statement or command timeout) may be *set
+aside* (``write(..., set_aside=True)``, the daemon's live stream): the plan is written again
+without it and the record comes back in :attr:`WriteResult.set_aside`, for the caller to retry
+on its own while the rest flows. Without that, one record too slow to write would hold every
+later batch for good. Only a timeout sets a record aside; every other failure of one record is
+held as before (the environment) or dead-lettered (its content).
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class WriteResult:
     rows: Counter[tuple[str, str]] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
     splits: int = 0  # parts split in two because they failed
+    # Records that ran out of time alone, left out of the transaction, with the error's text.
+    set_aside: list[tuple[Record, str]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +162,23 @@ class _ConnectionBroke(Exception):
     """A part broke the connection; write the plan again in smaller parts."""
 
 
+class _TimedOutAlone(Exception):
+    """One record ran out of time on its own: write the plan again without it."""
+
+    def __init__(self, record: Record, detail: str) -> None:
+        super().__init__(detail)
+        self.record = record
+        self.detail = detail
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """PostgreSQL's statement_timeout, or the client's command timeout."""
+    return sqlstate(exc) == "57014" or any(isinstance(e, TimeoutError) for e in error_chain(exc))
+
+
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (
     _ConnectionBroke,
+    _TimedOutAlone,
     DatabaseUnavailable,
     *DATABASE_ERRORS,
 )
@@ -173,24 +197,34 @@ class Store:
         self.part_limit: int | None = None
         self._too_big: int | None = None
 
-    async def write(self, plan: WritePlan, *, then: Sequence[Statement] = ()) -> WriteResult:
+    async def write(
+        self, plan: WritePlan, *, then: Sequence[Statement] = (), set_aside: bool = False
+    ) -> WriteResult:
         """Write the plan; refused records become dead letters.
 
         Raises :class:`DatabaseUnavailable` (nothing written) when the database is away or its
         environment refuses the write; the caller keeps the plan and tries again later.
         ``then`` runs in the same transaction after the plan (a replay deletes the dead letters
-        it re-processed, so a crash can neither lose nor double them).
+        it re-processed, so a crash can neither lose nor double them). With ``set_aside``, a
+        record that times out alone is left out and returned in ``set_aside`` (see above).
         """
         records = plan.records()
+        aside: list[tuple[Record, str]] = []
         while True:
             limit = self.part_limit or max(1, len(records))
             self._too_big = None  # the smallest part that failed for its size, this attempt
             try:
                 async with self.engine.begin() as conn:
-                    result = await self._write_parts(conn, plan, records, limit)
+                    result = await self._write_parts(conn, plan, records, limit, set_aside)
                     for statement, params in then:
                         await conn.execute(statement, params)
             except _WRITE_ERRORS as exc:
+                alone = next((e for e in error_chain(exc) if isinstance(e, _TimedOutAlone)), None)
+                if alone is not None:  # the parts above it failed for it, not their size
+                    log.warning("a record timed out alone (%s); setting it aside", alone.detail)
+                    aside.append((alone.record, alone.detail))
+                    records = [r for r in records if r is not alone.record]
+                    continue
                 broke = next((e for e in error_chain(exc) if isinstance(e, _ConnectionBroke)), None)
                 if broke is None:
                     self._adapt_part_limit(limit, len(records))
@@ -202,6 +236,7 @@ class Store:
                 log.warning("%s; writing the batch again in parts of %d", broke, self.part_limit)
                 continue
             self._adapt_part_limit(limit, len(records))
+            result.set_aside = aside
             return result
 
     def _adapt_part_limit(self, limit: int, records: int) -> None:
@@ -213,14 +248,19 @@ class Store:
             self.part_limit = None if limit * 2 >= records else limit * 2
 
     async def _write_parts(
-        self, conn: AsyncConnection, plan: WritePlan, records: list[Record], limit: int
+        self,
+        conn: AsyncConnection,
+        plan: WritePlan,
+        records: list[Record],
+        limit: int,
+        set_aside: bool = False,
     ) -> WriteResult:
         result = WriteResult()
         refused: list[DeadLetter] = []
         horizon = await _guard_history(conn, plan)
         for start in range(0, len(records), limit):
             part = records[start : start + limit]
-            await self._write_part(conn, plan, part, result, refused, horizon)
+            await self._write_part(conn, plan, part, result, refused, horizon, set_aside)
         letters = [*plan.dead_letters, *refused]
         if letters:
             params = dead_letter_params(letters, self.max_payload_bytes)
@@ -236,12 +276,15 @@ class Store:
         result: WriteResult,
         refused: list[DeadLetter],
         horizon: float,
+        set_aside: bool = False,
     ) -> None:
         """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller."""
         try:
             async with conn.begin_nested():
                 written = await self._write_all(conn, _sub_plan(plan, part), horizon)
         except DATABASE_ERRORS as exc:
+            if set_aside and len(part) == 1 and _timed_out(exc):
+                raise _TimedOutAlone(part[0], _describe(exc)) from exc
             failure = self._failure_of(exc, len(part))
             if failure is Failure.SIZE:
                 self._too_big = min(self._too_big or len(part), len(part))
@@ -252,8 +295,8 @@ class Store:
                 return
             result.splits += 1
             half = len(part) // 2
-            await self._write_part(conn, plan, part[:half], result, refused, horizon)
-            await self._write_part(conn, plan, part[half:], result, refused, horizon)
+            for half_part in (part[:half], part[half:]):
+                await self._write_part(conn, plan, half_part, result, refused, horizon, set_aside)
             return
         result.rows.update(written.rows)
 

@@ -344,3 +344,75 @@ async def test_a_command_timeout_splits_the_batch_in_new_transactions_until_part
     assert result.rows[("telemetry", "upsert")] == 200 and not result.dead_letters
     assert store.part_limit is not None and store.part_limit < 200
     assert (await query(owner, "SELECT count(*) FROM telemetry"))[0][0] == 200
+
+
+# --------------------------------------------------------------------------------------------
+# One record too slow to write: set aside, the rest flows (issue 18 item 1)
+
+SLOW_ONE = [
+    "CREATE FUNCTION slow_poison() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN IF NEW.name = 'poison' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$",
+    "CREATE TRIGGER slow_poison BEFORE INSERT OR UPDATE ON telemetry "
+    "FOR EACH ROW EXECUTE FUNCTION slow_poison()",
+]
+
+
+async def test_a_record_that_times_out_alone_is_set_aside_and_the_rest_is_written(
+    owner: AsyncEngine, writer_url: str, schema_name: str
+) -> None:
+    role = writer_url.split("://", 1)[1].split("@", 1)[0]
+    await admin(owner, *SLOW_ONE, f"ALTER ROLE {role} SET statement_timeout = '300ms'")
+    plan = telemetry_plan(64)
+    plan.add(TelemetryUpdate(2, "poison", "1", TS, TS))
+    engine = create_engine(writer_url, schema_name)
+    try:
+        with pytest.raises(DatabaseUnavailable):  # other callers (backfill, replay) still hold
+            await Store(engine).write(plan)
+        result = await Store(engine).write(plan, set_aside=True)
+    finally:
+        await engine.dispose()
+    assert result.rows[("telemetry", "upsert")] == 64
+    [(record, detail)] = result.set_aside
+    assert record.name == "poison" and detail.startswith("[57014]")
+    assert (await query(owner, "SELECT count(*) FROM telemetry"))[0][0] == 64
+
+
+@pytest.mark.slow
+async def test_one_record_that_times_out_alone_waits_aside_while_the_stream_flows(
+    broker: MosquittoBroker, owner: AsyncEngine, writer_url: str, schema_name: str
+) -> None:
+    """Before: the batch was held and retried without end, and nothing after it committed."""
+    role = writer_url.split("://", 1)[1].split("@", 1)[0]
+    await admin(owner, *SLOW_ONE, f"ALTER ROLE {role} SET statement_timeout = '300ms'")
+    settings = settings_for(broker.url, writer_url, schema_name, migrate=False)
+    written = metrics.REGISTRY.get_sample_value(
+        "flespi_mirror_set_aside_total", {"outcome": "written"}
+    ) or 0.0
+    async with running_mirror(settings) as running:
+        mirror = running.mirror
+        with publisher(broker.url) as pub:
+            pub.publish("flespi/state/gw/devices/7/telemetry/poison", 1, TS)
+            for i in range(MESSAGES):
+                pub.publish(telemetry_topic(i), i, TS + i)
+        deadline = time.monotonic() + 30
+        while (await query(owner, "SELECT count(*) FROM telemetry"))[0][0] < MESSAGES:
+            assert time.monotonic() < deadline, "the stream stopped behind one slow record"
+            await asyncio.sleep(0.1)
+        while mirror.source.unacked != 1 or not mirror.health.set_aside:
+            assert time.monotonic() < deadline, (mirror.source.unacked, mirror.health)
+            await asyncio.sleep(0.05)
+        assert not mirror.health.ready
+        assert any(r.startswith("set aside: 1 records") for r in mirror.health.not_ready_reasons())
+        assert metrics.REGISTRY.get_sample_value("flespi_mirror_set_aside_records") == 1
+        # the cause goes away: the record is written on a retry and acknowledged
+        await admin(owner, "DROP TRIGGER slow_poison ON telemetry")
+        while mirror.source.unacked or mirror.health.set_aside:
+            assert time.monotonic() < deadline + 30, (mirror.source.unacked, mirror.health)
+            await asyncio.sleep(0.1)
+        assert mirror.health.ready
+    rows = await query(owner, "SELECT value::text FROM telemetry WHERE name = 'poison'")
+    assert rows == [("1",)]
+    assert (await query(owner, "SELECT count(*) FROM dead_letters"))[0][0] == 0
+    assert metrics.REGISTRY.get_sample_value(
+        "flespi_mirror_set_aside_total", {"outcome": "written"}
+    ) == written + 1
