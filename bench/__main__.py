@@ -165,10 +165,11 @@ def table(results: dict[str, Any]) -> str:
         sec = size["seconds"]
         rows.append((
             f"object size: {size['updates']:,} updates",
-            f"props {size['props_big_vs_small']:.2f} x, calc {size['calc_big_vs_small']:.2f} x",
+            f"props {size['props_big_vs_small']:.2f} x, calc {size['calc_big_vs_small']:.2f} x, "
+            f"whole {size['whole_big_vs_small']:.2f} x",
             f"big vs small ({sec['props_big']:.1f} vs "
-            f"{sec['props_small']:.1f} s; {sec['calc_big']:.1f} vs {sec['calc_small']:.1f} s); "
-            "target <= 2.5",
+            f"{sec['props_small']:.1f} s; {sec['calc_big']:.1f} vs {sec['calc_small']:.1f} s; "
+            f"{sec['whole_big']:.1f} vs {sec['whole_small']:.1f} s); target <= 2.5",
         ))  # fmt: skip
     spans = results.get("interval-history", {})
     if "spans_big_vs_small" in spans:

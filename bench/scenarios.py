@@ -672,10 +672,32 @@ def _size_case(url: str, name: str, topics: Sequence[str], updates: int, batch: 
     return asyncio.run(_timed_writes(url, schema, prime, timed))
 
 
+def _whole_case(url: str, name: str, objects: int, properties: int, batch: int) -> float:
+    """Seconds to write ``objects`` x ``properties`` property rows and then one whole-object
+    update of each object (which rebuilds its props from all its rows)."""
+    from mirror.records import Inbound
+
+    ts = 1_700_000_000.0
+    messages = [
+        Inbound(f"flespi/state/gw/devices/{1 + o}/counters/c{p}", b"1", {"timestamp": repr(ts)}, ts)
+        for o in range(objects)
+        for p in range(properties)
+    ]
+    whole = json.dumps({"name": "renamed"}).encode()
+    messages += [
+        Inbound(f"flespi/state/gw/devices/{1 + o}", whole, {"timestamp": repr(ts + 1)}, ts + 1)
+        for o in range(objects)
+    ]
+    timed = [messages[i : i + batch] for i in range(0, len(messages), batch)]
+    return asyncio.run(_timed_writes(url, f"b_{name}_{uuid.uuid4().hex[:6]}", [], timed))
+
+
 def object_size(opts: Options) -> dict[str, Any]:
     """One property update of an object with 10,000 properties against objects with 10
     (object properties), and one calculator with 2,000 devices against 200 calculators with
-    10 (calculator device state), for the same number of updates in batches of 500."""
+    10 (calculator device state), for the same number of updates in batches of 500; and one
+    object with 25,000 property rows and a whole-object update against 25,000 objects with one
+    each (props rebuilt from every row)."""
     updates, batch = 20_000, 500
     big_object = [f"flespi/state/gw/devices/1/counters/c{i}" for i in range(10_000)]
     small_objects = [
@@ -689,6 +711,9 @@ def object_size(opts: Options) -> dict[str, Any]:
             "props_big": _size_case(s.database_url, "pb", big_object, updates, batch),
             "calc_small": _size_case(s.database_url, "cs", small_calcs, updates, batch),
             "calc_big": _size_case(s.database_url, "cb", big_calc, updates, batch),
+            # issue 18 item 1: whole-object updates rebuild props from every property row
+            "whole_small": _whole_case(s.database_url, "ws", 25_000, 1, batch),
+            "whole_big": _whole_case(s.database_url, "wb", 1, 25_000, batch),
         }
     return {
         "updates": updates,
@@ -697,6 +722,7 @@ def object_size(opts: Options) -> dict[str, Any]:
         "rate": {k: updates / v for k, v in seconds.items()},
         "props_big_vs_small": seconds["props_big"] / seconds["props_small"],
         "calc_big_vs_small": seconds["calc_big"] / seconds["calc_small"],
+        "whole_big_vs_small": seconds["whole_big"] / seconds["whole_small"],
         "target": "big within 2.5x of small, for the same number of updates",
     }
 
