@@ -219,6 +219,13 @@ SET_ASIDE_TOTAL = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+GAPS_DETECTED = Counter(
+    f"{PREFIX}_gaps_detected_total",
+    "Reconnects after which the broker may have dropped messages (a session it did not keep, "
+    "or a disconnect that ended a hold of --stall-after seconds or more, or named an "
+    "overloaded broker): each puts a window in the REST repair.",
+    registry=REGISTRY,
+)
 
 REST_REQUESTS = Counter(
     f"{PREFIX}_rest_requests_total",

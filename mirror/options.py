@@ -462,6 +462,15 @@ OPTIONS: tuple[Option, ...] = (
         commands=("simulate",),
     ),
     Option(
+        "drop_session",
+        "After the traffic, do to this MQTT client id what flespi does to a session past its "
+        "limit of unacknowledged messages: disconnect it, keeping its session (the broker's "
+        "own limits, e.g. Mosquitto's max_queued_messages, drop what is over).",
+        env=None,
+        commands=("simulate",),
+        metavar="CLIENT_ID",
+    ),
+    Option(
         "answer_rest",
         "Also answer flespi's REST API over MQTT (flespi/rest/...) from the simulated account's "
         "record, and keep answering after the traffic until interrupted.",

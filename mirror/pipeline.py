@@ -20,6 +20,7 @@ from typing import NamedTuple
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror import compaction, metrics, partitions, resync, summaries
+from mirror.backfill import iso_time
 from mirror.batch import WritePlan, coalesce
 from mirror.config import Settings
 from mirror.database import migrate
@@ -43,6 +44,15 @@ RETRY_MAX = 10.0
 # then at doubling intervals up to 5 minutes.
 ASIDE_RETRY_MIN = 1.0
 ASIDE_RETRY_MAX = 300.0
+# A repair that failed (or waits for another process's) is tried again after 5 s, doubling to
+# 5 minutes.
+REPAIR_RETRY_MIN = 5.0
+REPAIR_RETRY_MAX = 300.0
+# DISCONNECT reason codes of a broker that is shedding load: Server busy, Quota exceeded,
+# Message rate too high. flespi does not document the code it sends past its session limit.
+DROPPING_REASON_CODES = frozenset((0x89, 0x97, 0x96))
+# A hold counts for a lost link when it was still on this many seconds before the loss was seen.
+HOLD_RECENT = 60.0
 
 
 class Prepared(NamedTuple):
@@ -105,12 +115,70 @@ class Mirror:
         self._last_commit_at = 0.0  # Unix time of the last commit (0: none yet)
         self._newest_sent: float | None = None  # flespi's time of the newest message committed
         self._aside: list[_Aside] = []  # the side queue: records that timed out alone
+        # (time, start of a recent hold or None, DISCONNECT reason code) of the connection
+        # that ended; the last stall past --stall-after (start, last seen)
+        self._lost: tuple[float, float | None, int | None] | None = None
+        self._last_hold: tuple[float, float] | None = None
+        # Starts of windows to repair (ending now), found since the repairer last looked; None:
+        # a lost session, from the newest stored message
+        self._gaps: list[float | None] = []
+        self._gap_found = asyncio.Event()
+        self.repair_rounds = 0  # rounds of the repairer ended (done, failed or waiting)
         self._aside_store = Store(engine, max_payload_bytes=settings.max_payload_bytes)
 
     def _connection_changed(self, up: bool) -> None:
         self.health.update(mqtt_connected=up)
         if up:
             metrics.MQTT_SESSION_PRESENT.set(1 if self.source.session_present else 0)
+            self._reconnected()
+        else:
+            self._link_lost()
+
+    # -- gaps the broker made ------------------------------------------------------------------
+    # flespi deletes a session's undelivered messages past about 1 GB unacknowledged and
+    # disconnects it; the session itself may survive. A disconnect that ends a long hold (no
+    # commit for --stall-after seconds while messages waited), or that names an overloaded
+    # broker, may therefore have cost messages: the window from the start of the hold (less
+    # --repair-overlap) to the reconnect is backfilled over REST. So is a session the broker
+    # did not keep when we come back. Both go to the one repairer (resync.py).
+
+    def _link_lost(self) -> None:
+        now = time.time()
+        hold = self._last_hold
+        recent = hold is not None and now - hold[1] <= HOLD_RECENT
+        self._lost = (now, hold[0] if recent and hold else None, self.source.last_disconnect_code)
+
+    def _note_hold(self, now: float, stalled: float) -> None:
+        """Remember a stall past --stall-after: (its start, when last seen). A paused session
+        may only read the broker's DISCONNECT once the hold is over, so the hold is judged
+        when the link is found lost, from this record."""
+        start = now - stalled
+        if self._last_hold is None or now - self._last_hold[1] > HOLD_RECENT:
+            self._last_hold = (start, now)
+        else:
+            self._last_hold = (min(self._last_hold[0], start), now)
+
+    def _reconnected(self) -> None:
+        lost, self._lost = self._lost, None
+        self._last_hold = None
+        if lost is None or not self.settings.repair_gaps:
+            return  # the first connection: the start-up check covers it (_repair)
+        at, held_since, code = lost
+        if not self.source.session_present:
+            why = "the broker did not keep our session"
+            self._gaps.append(None)
+        elif code in DROPPING_REASON_CODES or held_since is not None:
+            why = "disconnected" + (
+                f" after holding messages from {iso_time(held_since)}"
+                if held_since is not None
+                else ""
+            ) + (f" (reason code 0x{code:02X})" if code is not None else "")
+            self._gaps.append((held_since or at) - self.settings.repair_overlap)
+        else:
+            return
+        metrics.GAPS_DETECTED.inc()
+        log.warning("%s: the broker may have dropped messages; repairing over REST", why)
+        self._gap_found.set()
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain what is in hand, then disconnect."""
@@ -198,20 +266,54 @@ class Mirror:
             await self._consume(source, until=self.snapshot.over)
 
     async def _repair(self) -> None:
-        """A lost broker session may have dropped messages: backfill and reconcile (resync.py)
-        beside the live stream, with REST requests carried by this very session."""
+        """Repair what the broker may have dropped (resync.py): at start after a lost session
+        or a pending plan, and whenever a gap is found; beside the live stream, with REST
+        requests carried by this very session. One process repairs at a time."""
         while self.source.session_present is None and not self._stopping.is_set():
             await asyncio.sleep(0.05)
-        try:
-            plan = await resync.plan_repair(
-                self.engine, bool(self.source.session_present), self.settings.repair_overlap
-            )
-            if plan is None:
-                return
-            async with session_rest_client(self.source) as rest:
-                await resync.repair(rest, self.engine, plan)
-        except Exception as exc:  # the live stream goes on; the plan stays pending
-            log.error("gap repair failed (resumed on the next start): %s", exc)
+        overlap = self.settings.repair_overlap
+        delay = REPAIR_RETRY_MIN
+        first = True
+        while True:
+            try:
+                if first:
+                    present = bool(self.source.session_present)
+                    await resync.plan_repair(self.engine, present, overlap)
+                    first = False
+                while self._gaps:
+                    begin = self._gaps[0]
+                    if begin is None:
+                        await resync.plan_repair(self.engine, False, overlap)
+                    else:
+                        await resync.record_gap(self.engine, begin, time.time())
+                    self._gaps.pop(0)
+                done = await self._repair_pending()
+            except Exception as exc:  # the live stream goes on; the plan stays pending
+                log.error("gap repair failed (retried in %.0fs): %s", delay, exc)
+                done = False
+            self.repair_rounds += 1
+            if done:
+                delay = REPAIR_RETRY_MIN
+                await self._gap_found.wait()
+            else:  # failed, or another process holds the repair: look again later
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._gap_found.wait(), delay)
+                delay = min(REPAIR_RETRY_MAX, delay * 2)
+            self._gap_found.clear()
+
+    async def _repair_pending(self) -> bool:
+        """Run the pending plan if this process is elected; True when nothing is left."""
+        if await resync.pending_plan(self.engine) is None:
+            return True
+        async with resync.elected(self.engine) as won:
+            if not won:
+                log.info("another process is repairing; this one waits")
+                return False
+            while (plan := await resync.pending_plan(self.engine)) is not None:
+                async with session_rest_client(self.source) as rest:
+                    if not await resync.repair(rest, self.engine, plan):
+                        return False
+        return True
 
     async def maintain_partitions(self) -> None:
         """Day partitions ahead, retention behind, old tombstones pruned. A failure is logged
@@ -242,6 +344,7 @@ class Mirror:
         limit = self.settings.stall_after
         reason = ""
         if limit > 0 and stalled >= limit:
+            self._note_hold(now, stalled)
             reason = f"stalled: no commit for {stalled:.0f}s while {unacked} messages wait"
         if reason != self.health.stalled:
             if reason and not self.health.stalled:

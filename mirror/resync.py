@@ -7,17 +7,24 @@ may have dropped what was published meanwhile: the gap runs from the newest stor
 ``sync_state`` before any work, so a daemon stopped halfway resumes it on its next start even
 though the broker then has a session again; it is removed once backfill and reconcile are done.
 
+A session the broker kept may have lost messages too: flespi deletes a session's undelivered
+messages past about 1 GB unacknowledged and disconnects it. The daemon notes such a disconnect
+(pipeline.py: after a hold of ``--stall-after`` seconds or more, or with a reason code of an
+overloaded broker) and records the window from the start of the hold (less the overlap) to the
+reconnect with :func:`record_gap`, merged into the pending plan. One process repairs at a time
+(:func:`elected`, a PostgreSQL advisory lock), whatever the number of workers and replicas.
+
 The ``backfill`` and ``reconcile`` commands run the same pieces by hand, with a progress bar on
 a terminal.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -52,52 +59,99 @@ NEWEST_MESSAGE = text("SELECT extract(epoch FROM max(ts)) FROM device_latest_mes
 async def plan_repair(
     engine: AsyncEngine, session_present: bool, overlap: float = DEFAULT_OVERLAP
 ) -> RepairPlan | None:
-    """The repair to run now: a pending one, or a new one after a lost session, or none."""
-    async with engine.begin() as conn:
+    """The repair to run now: a pending one (widened by a lost session's window), or none."""
+    if not session_present:
+        async with engine.connect() as conn:
+            newest = (await conn.execute(NEWEST_MESSAGE)).scalar()
+            held = (await conn.execute(text("SELECT EXISTS (SELECT 1 FROM objects)"))).scalar()
+        if newest is not None or held:  # not a first start on an empty database
+            now = time.time()
+            return await record_gap(engine, min(now, float(newest or now)) - overlap, now)
+    return await pending_plan(engine)
+
+
+async def pending_plan(engine: AsyncEngine) -> RepairPlan | None:
+    async with engine.connect() as conn:
         pending = (
             await conn.execute(text("SELECT value FROM sync_state WHERE name = :n"), {"n": PENDING})
         ).scalar()
-        if pending is not None:
-            return RepairPlan(float(pending["begin"]), float(pending["end"]))
-        if session_present:
-            return None
-        newest = (
-            await conn.execute(NEWEST_MESSAGE)
-        ).scalar()
-        held = (await conn.execute(text("SELECT EXISTS (SELECT 1 FROM objects)"))).scalar()
-        if newest is None and not held:
-            return None  # a first start on an empty database: nothing to repair
-        now = time.time()
-        plan = RepairPlan(min(now, float(newest or now)) - overlap, now)
-        await conn.execute(
-            text(
-                "INSERT INTO sync_state (name, value, updated_at) "
-                "VALUES (:n, CAST(:v AS jsonb), now()) "
-                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
-            ),
-            {"n": PENDING, "v": json.dumps({"begin": plan.begin, "end": plan.end})},
+    return None if pending is None else RepairPlan(float(pending["begin"]), float(pending["end"]))
+
+
+_RECORD_GAP = text(
+    """
+    INSERT INTO sync_state AS s (name, value, updated_at)
+    VALUES (:n, jsonb_build_object('begin', CAST(:b AS float8), 'end', CAST(:e AS float8)), now())
+    ON CONFLICT (name) DO UPDATE
+    SET value = jsonb_build_object(
+            'begin', least(CAST(s.value ->> 'begin' AS float8), CAST(:b AS float8)),
+            'end', greatest(CAST(s.value ->> 'end' AS float8), CAST(:e AS float8))),
+        updated_at = now()
+    RETURNING value
+    """
+)
+
+
+async def record_gap(engine: AsyncEngine, begin: float, end: float) -> RepairPlan:
+    """Add a window that may have lost messages to the pending plan (their union: the plan is
+    one window); saved before any work, so a stop halfway resumes it on the next start."""
+    async with engine.begin() as conn:
+        value = (await conn.execute(_RECORD_GAP, {"n": PENDING, "b": begin, "e": end})).scalar_one()
+    return RepairPlan(float(value["begin"]), float(value["end"]))
+
+
+@contextlib.asynccontextmanager
+async def elected(engine: AsyncEngine, role: str = "repair") -> AsyncIterator[bool]:
+    """Whether this process holds the ``role`` for the schema (a session advisory lock, held
+    on a connection of its own until the block ends; freed by PostgreSQL if we die)."""
+    key = f"flespi-mirror:{role}"
+    async with engine.connect() as conn:
+        won = bool(
+            await conn.scalar(
+                text("SELECT pg_try_advisory_lock(hashtext(:k || ':' || current_schema()))"),
+                {"k": key},
+            )
         )
-    return plan
+        await conn.commit()
+        try:
+            yield won
+        finally:
+            if won:
+                await conn.execute(
+                    text("SELECT pg_advisory_unlock(hashtext(:k || ':' || current_schema()))"),
+                    {"k": key},
+                )
+                await conn.commit()
 
 
-async def repair(rest: RestClient, engine: AsyncEngine, plan: RepairPlan) -> bool:
-    """Backfill the gap, then reconcile state; True (and the plan forgotten) when both are done."""
+async def repair(
+    rest: RestClient, engine: AsyncEngine, plan: RepairPlan, *, why: str = "lost session"
+) -> bool:
+    """Backfill the gap, then reconcile state; True (and the plan forgotten, unless a newer gap
+    widened it meanwhile) when both are done."""
     log.info(
-        "the broker did not keep our session: backfilling %s .. %s and reconciling state",
-        iso_time(plan.begin), iso_time(plan.end),
+        "repairing %s .. %s (%s): backfilling history and reconciling state",
+        iso_time(plan.begin), iso_time(plan.end), why,
     )
     report = await Backfill(rest, engine, plan.job).run()
     reconciled = await Reconcile(rest, engine).run()
     if report.failed or reconciled.skipped:
         log.warning(
-            "repair incomplete (%d streams failed, %d tables not reconciled); resumed on the "
-            "next start",
+            "repair incomplete (%d streams failed, %d tables not reconciled); retried later",
             len(report.failed),
             len(reconciled.skipped),
         )
         return False
     async with engine.begin() as conn:
-        await conn.execute(text("DELETE FROM sync_state WHERE name = :n"), {"n": PENDING})
+        await conn.execute(
+            text(
+                "DELETE FROM sync_state WHERE name = :n"
+                " AND CAST(value ->> 'begin' AS float8) >= :b"
+                " AND CAST(value ->> 'end' AS float8) <= :e"
+            ),
+            {"n": PENDING, "b": plan.begin, "e": plan.end},
+        )
+    log.info("repair of %s .. %s done", iso_time(plan.begin), iso_time(plan.end))
     return True
 
 
@@ -166,8 +220,11 @@ async def reconcile_command(
 __all__ = [
     "RepairPlan",
     "backfill_command",
+    "elected",
     "parse_time",
+    "pending_plan",
     "plan_repair",
     "reconcile_command",
+    "record_gap",
     "repair",
 ]

@@ -47,6 +47,8 @@ class SimulationOptions:
     max_messages: int | None = None  # stop after this many live publishes, whichever comes first
     answer_rest: bool = False  # cli: also answer REST over MQTT from the record (rest_responder)
     backlog: bool = True  # device messages with days-old device time (black box, GPS rollover)
+    # After the traffic, take over this client id's session and leave it (drop_session below)
+    drop_session: str | None = None
 
 
 @dataclass
@@ -232,6 +234,37 @@ class AcknowledgedPublisher:
         self.client.loop_stop()
 
 
+def drop_session(options: SimulationOptions, client_id: str, linger: float = 0.5) -> None:
+    """Do to a client what flespi does to a session past its limit of unacknowledged messages:
+    disconnect it while its session stays. We connect with its client id (the broker hands the
+    session over to us and disconnects it: DISCONNECT 0x8E), acknowledge nothing it delivers
+    to us, and leave with a normal DISCONNECT, so the session and its unacknowledged messages
+    wait for the client's return. The messages flespi deletes are those over its limit: on
+    Mosquitto, set ``max_queued_messages`` (or ``max_queued_bytes``) to drop them alike."""
+    host, port, tls = _broker_address(options.mqtt_url)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    if options.username is not None or options.password is not None:
+        client.username_pw_set(options.username or "", options.password)
+    if tls:
+        client.tls_set()
+    connected = threading.Event()
+    client.on_connect = lambda *_args: connected.set()
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 86_400  # the session must outlive our visit
+    client.connect(host, port, clean_start=False, properties=properties)
+    client.loop_start()
+    try:
+        if not connected.wait(10):
+            raise RuntimeError(f"broker {host}:{port} did not accept the session takeover")
+        time.sleep(linger)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    log.info("took over and left the session of %s (as flespi drops a session)", client_id)
+
+
 def run_simulation(
     options: SimulationOptions,
     *,
@@ -262,6 +295,8 @@ def run_simulation(
         publisher.drain()
     finally:
         publisher.close()
+    if options.drop_session:
+        drop_session(options, options.drop_session)
     elapsed = time.monotonic() - started
     if publisher.refused:
         log.warning("broker %s refused %d publishes", publisher.address, publisher.refused)

@@ -189,6 +189,9 @@ class MqttSource:
         self.retained_received = 0
         self.epoch = 0
         self.connected = False
+        # The reason code of the broker's DISCONNECT that ended the last connection (None: the
+        # connection ended without one, or has not ended).
+        self.last_disconnect_code: int | None = None
         self.subscribed = False
         self.subscribed_event = asyncio.Event()  # set once a subscription has succeeded
         self.retained_requested = False  # the last subscription asked for every retained message
@@ -491,6 +494,7 @@ class MqttSource:
         if connack.reason_code != ConnAckReasonCode.SUCCESS:
             raise ConnectRefused(reason_text(connack.reason_code, connack.reason_str))
         self.epoch += 1
+        self.last_disconnect_code = None
         link = Link(conn, self.epoch)
         self._link = link
         self.session_present = connack.session_present
@@ -652,6 +656,7 @@ class MqttSource:
         if isinstance(packet, PingRespPacket):
             return
         if isinstance(packet, DisconnectPacket):
+            self.last_disconnect_code = int(packet.reason_code)
             raise SessionEnded(self._disconnect_reason(packet))
         if isinstance(packet, PubRelPacket):  # only after a QoS 2 we refused: end that flow
             link.post(mqtt5.PubCompPacket(packet.packet_id).write())

@@ -55,6 +55,9 @@ class MosquittoBroker:
 
     port: int = field(default_factory=free_port)
     persistence: bool = False
+    # Messages queued per session beyond its in-flight window (0: unlimited); Mosquitto drops
+    # the rest, as flespi drops a session's messages past about 1 GB unacknowledged.
+    max_queued: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mosq-")))
     process: subprocess.Popen[bytes] | None = None
 
@@ -68,7 +71,7 @@ class MosquittoBroker:
             "allow_anonymous true",
             # Unlimited queues and in-flight windows: a test must never lose a message to a
             # broker limit it did not ask for.
-            "max_queued_messages 0",
+            f"max_queued_messages {self.max_queued}",
             "max_queued_bytes 0",
             "max_inflight_messages 0",
             f"persistence {'true' if self.persistence else 'false'}",

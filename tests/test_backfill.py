@@ -19,12 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mirror import metrics
 from mirror.database import create_engine, migrate
+from mirror.pipeline import Mirror
 from mirror.rest_responder import AccountRecord, RestResponder
 from mirror.resync import PENDING
-from mirror.simulate import SimulationOptions, run_simulation
+from mirror.simulate import SimulationOptions, drop_session, run_simulation
 from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import ROOT, publisher, query, running_mirror, settings_for, settle
 from tests.launchers import MosquittoBroker, TestDatabase
@@ -34,7 +38,7 @@ DEVICES = 6
 
 async def simulate(
     broker: MosquittoBroker, record: AccountRecord, messages: int, seed: int, snapshot: bool
-) -> None:
+) -> int:
     """Publish simulated traffic; everything published goes into the account's record."""
     options = SimulationOptions(
         mqtt_url=broker.url,
@@ -49,7 +53,8 @@ async def simulate(
         # reported with issue 8; these tests keep to live device time.
         backlog=False,
     )
-    await asyncio.to_thread(run_simulation, options, observer=record.published)
+    report = await asyncio.to_thread(run_simulation, options, observer=record.published)
+    return report.published
 
 
 async def assert_every_recorded_message_stored_once(
@@ -122,7 +127,7 @@ async def test_after_an_expired_session_every_message_is_stored_once_and_deletio
     async with running_mirror(settings) as running:
         assert running.mirror.source.session_present is False
         engine = running.engine
-        assert await _repair_done(engine)
+        assert await _repair_done(running.mirror, engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(engine, record)
         stored = await stored_intervals(engine)
@@ -212,10 +217,10 @@ async def test_a_backfill_killed_halfway_and_run_again_stores_everything_once(
         await engine.dispose()
 
 
-async def _repair_done(engine: AsyncEngine, timeout: float = 60) -> bool:
-    """Wait for the daemon's gap-repair task to end; True when no plan is left pending."""
+async def _repair_done(mirror: Mirror, engine: AsyncEngine, timeout: float = 60) -> bool:
+    """Wait for the daemon's first round of gap repair to end; True when no plan is left."""
     deadline = time.monotonic() + timeout
-    while any(t.get_name() == "gap-repair" and not t.done() for t in asyncio.all_tasks()):
+    while mirror.repair_rounds < 1:
         assert time.monotonic() < deadline, "the gap repair did not end"
         await asyncio.sleep(0.1)
     return not await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING)
@@ -239,7 +244,7 @@ async def test_a_repair_that_flespi_refuses_stays_pending_and_resumes_on_the_nex
     kept = dataclasses.replace(settings, session_expiry=300)
     async with running_mirror(kept) as running:
         assert running.mirror.source.session_present is False
-        assert not await _repair_done(running.engine)
+        assert not await _repair_done(running.mirror, running.engine)
         # the live stream is not held up by the failed repair
         await simulate(broker, record, 50, seed=6, snapshot=False)
         await settle(running)
@@ -249,7 +254,7 @@ async def test_a_repair_that_flespi_refuses_stays_pending_and_resumes_on_the_nex
     responder.behaviour.error_code = None
     async with running_mirror(kept) as running:
         assert running.mirror.source.session_present is True  # nothing would trigger a repair
-        assert await _repair_done(running.engine)
+        assert await _repair_done(running.mirror, running.engine)
         await settle(running)
         await assert_every_recorded_message_stored_once(running.engine, record)
 
@@ -363,3 +368,66 @@ async def test_a_backfill_matches_intervals_without_ids_by_their_span(
         assert (backfill.report.intervals, backfill.report.intervals_deleted) == (1, 1)
     finally:
         await engine.dispose()
+
+
+REFUSE_MESSAGES = [
+    "CREATE FUNCTION refuse_messages() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'maintenance window: no writes'; END $$",
+    "CREATE TRIGGER operator_guard BEFORE INSERT ON device_messages_recent "
+    "FOR EACH ROW EXECUTE FUNCTION refuse_messages()",
+]
+
+
+@pytest.mark.slow
+async def test_messages_the_broker_dropped_behind_a_long_hold_are_repaired_over_rest(
+    database: TestDatabase, schema_name: str, record: AccountRecord
+) -> None:
+    """flespi drops a held session's messages past its limit and disconnects it, keeping the
+    session (issue 18 item 3). Here Mosquitto keeps 20 queued messages beyond the mirror's 10
+    in flight and drops the rest; the simulator then disconnects the mirror as flespi would.
+    The mirror notices a disconnect that ended a hold and backfills the window over REST."""
+    broker = MosquittoBroker(max_queued=20).start()
+    responder = RestResponder(broker.url, record).start()
+    detected = metrics.REGISTRY.get_sample_value("flespi_mirror_gaps_detected_total") or 0.0
+    settings = settings_for(
+        broker.url, database.url, schema_name, max_unacked=10, batch_size=10, stall_after=1.0,
+        repair_overlap=60.0,
+    )  # fmt: skip
+    try:
+        async with running_mirror(settings) as running:
+            engine = running.engine
+            published = await simulate(broker, record, 50, seed=11, snapshot=True)
+            await settle(running)
+            assert not await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING)
+            async with engine.begin() as conn:  # the database refuses device messages a while
+                for statement in REFUSE_MESSAGES:
+                    await conn.execute(text(statement))
+            published += await simulate(broker, record, 400, seed=12, snapshot=False)
+            await asyncio.sleep(1.5)  # held longer than --stall-after
+            epoch = running.mirror.source.epoch
+            options = SimulationOptions(mqtt_url=broker.url)
+            await asyncio.to_thread(drop_session, options, settings.client_id)
+            # the mirror, paused at its bound, reads the DISCONNECT once the hold is over
+            async with engine.begin() as conn:
+                await conn.execute(text("DROP TRIGGER operator_guard ON device_messages_recent"))
+            deadline = time.monotonic() + 30
+            while running.mirror.source.epoch == epoch or not running.mirror.source.connected:
+                assert time.monotonic() < deadline, "the mirror did not come back"
+                await asyncio.sleep(0.05)
+            assert running.mirror.source.session_present is True  # the session was kept
+            deadline = time.monotonic() + 90
+            while await query(engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING) or (
+                running.mirror.repair_rounds < 1
+            ):
+                assert time.monotonic() < deadline, "the repair did not finish"
+                await asyncio.sleep(0.2)
+            await settle(running)
+            # the broker did drop messages: the live stream alone did not bring them all
+            assert running.mirror.committed_messages < published
+            await assert_every_recorded_message_stored_once(engine, record)
+        assert metrics.REGISTRY.get_sample_value("flespi_mirror_gaps_detected_total") == (
+            detected + 1
+        )
+    finally:
+        responder.stop()
+        broker.cleanup()
