@@ -57,17 +57,32 @@ class BackfillJob:
     devices: tuple[int, ...] | None = None
     intervals: bool = True
     cid: int | None = None
+    # Only these flespi accounts' devices (listed with the selector cid=ID); empty: every one
+    accounts: tuple[int, ...] = ()
 
     @classmethod
     def for_window(
-        cls, begin: float, end: float | None, devices: Sequence[int] = (), prefix: str = "backfill"
+        cls,
+        begin: float,
+        end: float | None,
+        devices: Sequence[int] = (),
+        prefix: str = "backfill",
+        accounts: Sequence[int] = (),
     ) -> BackfillJob:
         """A job whose name is its arguments, so the same command run again resumes it. An
         open end (None: now) resumes to the new now."""
         selection = ",".join(str(d) for d in sorted(devices)) or "all"
+        if accounts and not devices:
+            selection = "cid=" + ",".join(str(a) for a in sorted(accounts))
         until = "now" if end is None else f"{end:.6f}"
         name = f"{prefix}:{begin:.6f}:{until}:{selection}"
-        return cls(name, begin, time.time() if end is None else end, tuple(devices) or None)
+        return cls(
+            name,
+            begin,
+            time.time() if end is None else end,
+            tuple(devices) or None,
+            accounts=tuple(sorted(accounts)),
+        )
 
 
 @dataclass
@@ -141,7 +156,12 @@ class Backfill:
         """``device:{id}`` and ``interval:{calc}:{device}``, each a unit of progress."""
         devices = list(self.job.devices or [])
         if self.job.devices is None:
-            listed = await self.rest.get("gw/devices/all", {"fields": "id"})
+            selectors = [f"cid={a}" for a in self.job.accounts] or ["all"]
+            listed = [
+                d
+                for selector in selectors
+                for d in await self.rest.get(f"gw/devices/{selector}", {"fields": "id"})
+            ]
             devices = sorted({int(d["id"]) for d in listed if isinstance(d, dict) and "id" in d})
         streams = [f"device:{d}" for d in devices]
         if self.job.intervals:

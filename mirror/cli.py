@@ -219,7 +219,10 @@ async def _resync(command: str, settings: Settings, values: Mapping[str, Any]) -
         async with standalone_rest_client(settings) as rest:
             if command == "reconcile":
                 result = await reconcile_command(
-                    rest, engine, max_delete_fraction=values["max_delete_fraction"]
+                    rest,
+                    engine,
+                    max_delete_fraction=values["max_delete_fraction"],
+                    accounts=settings.accounts,
                 )
                 print(f"reconciled: deleted {result.deleted}, skipped {result.skipped}", flush=True)
                 return 1 if result.skipped else 0
@@ -231,6 +234,7 @@ async def _resync(command: str, settings: Settings, values: Mapping[str, Any]) -
                 [_device_id(d) for d in values["devices"]],
                 intervals=values["intervals"],
                 page_size=values["page_size"],
+                accounts=settings.accounts,
             )
     finally:
         await engine.dispose()

@@ -284,6 +284,11 @@ class Settings:
             topics = (*topics, LOG_TOPIC)
         return self._for_accounts(topics)
 
+    @property
+    def accounts(self) -> tuple[int, ...]:
+        """The flespi accounts of --cid, as numbers (validated above)."""
+        return tuple(int(cid) for cid in self.cids)
+
     def _for_accounts(self, topics: tuple[str, ...]) -> tuple[str, ...]:
         if not self.cids:
             return topics

@@ -258,11 +258,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "cids",
         "Mirror only this flespi account (repeatable): each --topic is subscribed under "
-        "flespi's $filter/cid=ID/ prefix. Default: every account the token sees. The "
-        "variable takes a comma-separated list.",
+        "flespi's $filter/cid=ID/ prefix, and backfill, reconcile and the daemon's gap repair "
+        "ask flespi only for this account's items (selector cid=ID) and leave other accounts' "
+        "rows alone. Default: every account the token sees. The variable takes a "
+        "comma-separated list.",
         kind="list",
         flag="--cid",
         metavar="ID",
+        commands=("run", *RESYNC),
     ),
     Option("metrics_host", "Address of the HTTP listener (/metrics, /healthz, /readyz)."),
     Option("metrics_port", "Port of that listener (0: any free port).", parse=integer),

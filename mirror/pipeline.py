@@ -311,7 +311,8 @@ class Mirror:
                 return False
             while (plan := await resync.pending_plan(self.engine)) is not None:
                 async with session_rest_client(self.source) as rest:
-                    if not await resync.repair(rest, self.engine, plan):
+                    accounts = self.settings.accounts
+                    if not await resync.repair(rest, self.engine, plan, accounts=accounts):
                         return False
         return True
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,29 +42,30 @@ class _Table:
     deletes a key."""
 
     name: str
-    select: str  # SQL returning the key columns
+    select: str  # SQL returning the key columns, then the row's account (cid)
     topic: Callable[[Key], str]
 
 
 _TABLES = (
     _Table(
         "objects",
-        "SELECT api, origin, id FROM objects WHERE NOT (api = 'platform' AND origin = 'customer')",
+        "SELECT api, origin, id, cid FROM objects"
+        " WHERE NOT (api = 'platform' AND origin = 'customer')",
         lambda k: f"flespi/state/{k[0]}/{k[1]}/{k[2]}",
     ),
     _Table(
         "telemetry",
-        "SELECT device_id, name FROM telemetry",
+        "SELECT device_id, name, cid FROM telemetry",
         lambda k: f"flespi/state/gw/devices/{k[0]}/telemetry/{k[1]}",
     ),
     _Table(
         "device_settings",
-        "SELECT device_id, name FROM device_settings",
+        "SELECT device_id, name, cid FROM device_settings",
         lambda k: f"flespi/state/gw/devices/{k[0]}/settings/{k[1]}",
     ),
     _Table(
         "plugin_device_configs",
-        "SELECT plugin_id, device_id FROM plugin_device_configs",
+        "SELECT plugin_id, device_id, cid FROM plugin_device_configs",
         lambda k: f"flespi/state/gw/plugins/{k[0]}/devices/{k[1]}",
     ),
 )
@@ -85,6 +86,7 @@ class Reconcile:
         *,
         max_delete_fraction: float = 0.5,
         cid: int | None = None,
+        accounts: Sequence[int] = (),
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.rest = rest
@@ -92,6 +94,9 @@ class Reconcile:
         self.store = Store(engine)
         self.max_delete_fraction = max_delete_fraction
         self.cid = cid
+        # Only these accounts (--cid): their rows are compared with what flespi lists for them
+        # (selector cid=ID); other accounts' rows, and rows of no known account, stay.
+        self.accounts = tuple(accounts)
         self.progress = progress or (lambda _step: None)
 
     async def run(self) -> ReconcileReport:
@@ -122,11 +127,28 @@ class Reconcile:
         return report
 
     async def _held(self) -> dict[str, set[Key]]:
+        wanted = set(self.accounts)
         async with self.engine.connect() as conn:
             return {
-                t.name: {tuple(row) for row in await conn.execute(text(t.select))}
+                t.name: {
+                    tuple(row)[:-1]
+                    for row in await conn.execute(text(t.select))
+                    if not wanted or row[-1] in wanted
+                }
                 for t in _TABLES
             }
+
+    async def _list_all(self, uri: str, data: dict[str, Any] | None = None) -> list[Any] | None:
+        """``uri`` with ``{selector}`` as every item, or each account's items (cid=ID)."""
+        if not self.accounts:
+            return await self._list(uri.format(selector="all"), data)
+        items: list[Any] = []
+        for account in self.accounts:
+            listed = await self._list(uri.format(selector=f"cid={account}"), data)
+            if listed is None:
+                return None
+            items += listed
+        return items
 
     async def _existing(self, held: dict[str, set[Key]]) -> dict[str, set[Key]]:
         """Keys flespi lists now, per table; a table whose listing failed is missing."""
@@ -134,19 +156,19 @@ class Reconcile:
         objects = await self._objects({(k[0], k[1]) for k in held["objects"]})
         if objects is not None:
             found["objects"] = objects
-        telemetry = await self._list("gw/devices/all/telemetry/all")
+        telemetry = await self._list_all("gw/devices/{selector}/telemetry/all")
         if telemetry is not None:
             found["telemetry"] = {
                 (int(d["id"]), name) for d in telemetry for name in (d.get("telemetry") or {})
             }
-        settings = await self._list("gw/devices/all/settings/all")
+        settings = await self._list_all("gw/devices/{selector}/settings/all")
         if settings is not None:
             names = {(int(s["device_id"]), str(s["name"])) for s in settings}
             # deeper setting levels (name/field) live as long as their setting does
             found["device_settings"] = {
                 k for k in held["device_settings"] if (k[0], str(k[1]).split("/")[0]) in names
             }
-        plugins = await self._list("gw/plugins/all/devices/all")
+        plugins = await self._list_all("gw/plugins/all/devices/{selector}")
         if plugins is not None:
             found["plugin_device_configs"] = {(int(p["plugin_id"]), int(p["id"])) for p in plugins}
         return found
@@ -154,7 +176,7 @@ class Reconcile:
     async def _objects(self, kinds: Iterable[tuple[str, str]]) -> set[Key] | None:
         keys: set[Key] = set()
         for api, origin in sorted(kinds):
-            listed = await self._list(f"{api}/{origin}/all", {"fields": "id"})
+            listed = await self._list_all(f"{api}/{origin}/{{selector}}", {"fields": "id"})
             if listed is None:
                 return None
             keys |= {(api, origin, int(item["id"])) for item in listed if "id" in item}

@@ -184,6 +184,13 @@ class AccountRecord:
     def _select(self, selector: str) -> list[int]:
         if selector == "all":
             return sorted(i for i, d in self._devices.items() if d.props is not None)
+        if selector.startswith("cid="):  # flespi's field selector, on the account id
+            cid = int(selector[4:])
+            return sorted(
+                i
+                for i, d in self._devices.items()
+                if d.props is not None and json.loads(d.props).get("cid") == cid
+            )
         return [int(part) for part in selector.split(",")]
 
     def _devices_answer(self, rest: list[str], data: dict[str, Any]) -> bytes:
@@ -302,6 +309,7 @@ class RestResponder:
         self.record = record
         self.behaviour = behaviour or Behaviour()
         self.requests = 0
+        self.asked: list[str] = []  # the URI of every request, in arrival order
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"flespi-rest-sim-{uuid.uuid4().hex[:12]}",
@@ -340,6 +348,7 @@ class RestResponder:
         if len(levels) < 4:
             return
         method, uri = levels[2], levels[3]
+        self.asked.append(uri)
         props = message.properties
         user = dict(getattr(props, "UserProperty", []) or [])
         response_topic = getattr(props, "ResponseTopic", None) or message.topic

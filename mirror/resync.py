@@ -21,6 +21,7 @@ a terminal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -47,9 +48,10 @@ class RepairPlan:
     begin: float
     end: float
 
-    @property
-    def job(self) -> BackfillJob:
-        return BackfillJob(f"gap:{self.begin:.6f}:{self.end:.6f}", self.begin, self.end)
+    def job(self, accounts: Sequence[int] = ()) -> BackfillJob:
+        selection = ":cid=" + ",".join(str(a) for a in sorted(accounts)) if accounts else ""
+        name = f"gap:{self.begin:.6f}:{self.end:.6f}{selection}"
+        return BackfillJob(name, self.begin, self.end, accounts=tuple(sorted(accounts)))
 
 
 # The newest device message stored (kept per device with every write: no scan of history).
@@ -125,7 +127,12 @@ async def elected(engine: AsyncEngine, role: str = "repair") -> AsyncIterator[bo
 
 
 async def repair(
-    rest: RestClient, engine: AsyncEngine, plan: RepairPlan, *, why: str = "lost session"
+    rest: RestClient,
+    engine: AsyncEngine,
+    plan: RepairPlan,
+    *,
+    why: str = "lost session",
+    accounts: Sequence[int] = (),
 ) -> bool:
     """Backfill the gap, then reconcile state; True (and the plan forgotten, unless a newer gap
     widened it meanwhile) when both are done."""
@@ -133,8 +140,8 @@ async def repair(
         "repairing %s .. %s (%s): backfilling history and reconciling state",
         iso_time(plan.begin), iso_time(plan.end), why,
     )
-    report = await Backfill(rest, engine, plan.job).run()
-    reconciled = await Reconcile(rest, engine).run()
+    report = await Backfill(rest, engine, plan.job(accounts)).run()
+    reconciled = await Reconcile(rest, engine, accounts=accounts).run()
     if report.failed or reconciled.skipped:
         log.warning(
             "repair incomplete (%d streams failed, %d tables not reconciled); retried later",
@@ -180,10 +187,11 @@ async def backfill_command(
     *,
     intervals: bool = True,
     page_size: int = 1000,
+    accounts: Sequence[int] = (),
 ) -> BackfillReport:
-    job = BackfillJob.for_window(begin, end, devices)
+    job = BackfillJob.for_window(begin, end, devices, accounts=accounts)
     if not intervals:
-        job = BackfillJob(job.name, job.begin, job.end, job.devices, intervals=False)
+        job = dataclasses.replace(job, intervals=False)
     with tqdm(
         unit="stream", desc="backfill", disable=not sys.stderr.isatty(), dynamic_ncols=True
     ) as bar:
@@ -203,7 +211,11 @@ async def backfill_command(
 
 
 async def reconcile_command(
-    rest: RestClient, engine: AsyncEngine, *, max_delete_fraction: float = 0.5
+    rest: RestClient,
+    engine: AsyncEngine,
+    *,
+    max_delete_fraction: float = 0.5,
+    accounts: Sequence[int] = (),
 ) -> ReconcileReport:
     with tqdm(
         total=4, unit="table", desc="reconcile", disable=not sys.stderr.isatty()
@@ -213,7 +225,13 @@ async def reconcile_command(
             bar.set_postfix(table=table, refresh=False)
             bar.update(1)
 
-        runner = Reconcile(rest, engine, max_delete_fraction=max_delete_fraction, progress=progress)
+        runner = Reconcile(
+            rest,
+            engine,
+            max_delete_fraction=max_delete_fraction,
+            accounts=accounts,
+            progress=progress,
+        )
         return await runner.run()
 
 

@@ -27,7 +27,7 @@ from mirror import metrics
 from mirror.database import create_engine, migrate
 from mirror.pipeline import Mirror
 from mirror.rest_responder import AccountRecord, RestResponder
-from mirror.resync import PENDING
+from mirror.resync import PENDING, record_gap
 from mirror.simulate import SimulationOptions, drop_session, run_simulation
 from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import ROOT, publisher, query, running_mirror, settings_for, settle
@@ -431,3 +431,95 @@ async def test_messages_the_broker_dropped_behind_a_long_hold_are_repaired_over_
     finally:
         responder.stop()
         broker.cleanup()
+
+
+def _cid_of(record: AccountRecord, device: int) -> int:
+    return int(json.loads(record.answer("get", f"gw/devices/{device}", {})[1])["result"][0]["cid"])
+
+
+async def test_backfill_and_reconcile_with_cid_touch_only_that_account(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+) -> None:
+    """issue 18 item 4: ``--cid`` asks flespi for that account's items only (selector cid=ID),
+    and reconcile leaves other accounts' rows alone."""
+    await simulate(broker, record, 300, seed=21, snapshot=True)  # no mirror: flespi keeps it
+    devices = [FIRST_DEVICE_ID + n for n in range(1, DEVICES + 1)]
+    accounts = {d: _cid_of(record, d) for d in devices}
+    mine = accounts[devices[0]]
+    assert set(accounts.values()) - {mine}, "the simulator's fleet spans two accounts"
+    base = [
+        sys.executable, "-m", "mirror.cli", "--database-url", database.url, "--schema",
+        schema_name, "--mqtt-url", broker.url, "--cid", str(mine),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(command: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [*base[:3], command, *base[3:], *extra]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    backfilled = await asyncio.to_thread(run, "backfill", "--from", "0")
+    assert backfilled.returncode == 0, backfilled.stderr[-2000:]
+    engine = create_engine(database.url, schema_name)
+    try:
+        stored = {int(r[0]) for r in await query(
+            engine, "SELECT DISTINCT device_id FROM device_messages"
+        )}  # fmt: skip
+        assert stored and all(accounts[d] == mine for d in stored)
+        assert "gw/devices/all" not in responder.asked
+        assert f"gw/devices/cid={mine}" in responder.asked
+
+        # the whole fleet mirrored; then flespi loses one device of each account
+        settings = settings_for(broker.url, database.url, schema_name)
+        async with running_mirror(settings) as running:
+            await simulate(broker, record, 50, seed=22, snapshot=True)
+            await settle(running)
+        other = next(d for d in devices if accounts[d] != mine)
+        for gone in (devices[0], other):
+            record.observe(f"flespi/state/gw/devices/{gone}", b"", time.time())
+        reconciled = await asyncio.to_thread(run, "reconcile")
+        assert reconciled.returncode == 0, reconciled.stderr[-2000:]
+        held = {int(r[0]) for r in await query(engine, "SELECT id FROM objects")}
+        assert devices[0] not in held  # gone from its account: deleted
+        assert other in held  # another account's row: left alone
+    finally:
+        await engine.dispose()
+
+
+async def test_one_process_repairs_whatever_the_number_of_workers(
+    broker: MosquittoBroker,
+    database: TestDatabase,
+    schema_name: str,
+    record: AccountRecord,
+    responder: RestResponder,
+) -> None:
+    """issue 18 item 4: two daemons on one schema both find the pending plan; one repairs (an
+    advisory lock), so flespi is asked once, not twice."""
+    first = settings_for(broker.url, database.url, schema_name, client_id="worker-a")
+    second = dataclasses.replace(first, client_id="worker-b")
+    for settings in (first, second):  # their broker sessions exist: no lost session below
+        async with running_mirror(settings):
+            pass
+    await simulate(broker, record, 200, seed=31, snapshot=True)
+    engine = create_engine(database.url, schema_name)
+    try:
+        now = time.time()
+        await record_gap(engine, now - 3600, now)
+    finally:
+        await engine.dispose()
+    responder.behaviour.delay = 0.05  # a repair long enough for both to try at once
+    async with running_mirror(first) as a, running_mirror(second) as b:
+        assert a.mirror.source.session_present and b.mirror.source.session_present
+        deadline = time.monotonic() + 60
+        while await query(a.engine, "SELECT 1 FROM sync_state WHERE name = :n", n=PENDING) or (
+            a.mirror.repair_rounds < 1 or b.mirror.repair_rounds < 1
+        ):
+            assert time.monotonic() < deadline, "the repair did not finish"
+            await asyncio.sleep(0.2)
+        await settle(a)
+        await assert_every_recorded_message_stored_once(a.engine, record)
+    # Backfill lists the devices once, reconcile once: one repair
+    assert responder.asked.count("gw/devices/all") == 2, responder.asked[:20]
