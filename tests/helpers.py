@@ -40,6 +40,8 @@ EXPECTED_ALERTS = {
     "FlespiMirrorReconnectStorm",
     "FlespiMirrorBatchHeld",
     "FlespiMirrorCompactionBehind",
+    "FlespiMirrorStalled",
+    "FlespiMirrorRecordSetAside",
 }
 
 
