@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, TypeAlias
 
 from sqlalchemy import TextClause, text
@@ -135,7 +136,13 @@ def append(table: str, w: AppendWrites) -> TextClause:
 
 
 def _columns(rows: Sequence[Any], cols: Sequence[Col]) -> Params:
-    return {c.name: [getattr(r, c.source) for r in rows] for c in cols}
+    """One list per column (asyncpg binds each as an array), transposed in C."""
+    if not rows:
+        return {c.name: [] for c in cols}
+    if len(cols) == 1:
+        return {cols[0].name: [getattr(r, cols[0].source) for r in rows]}
+    values = zip(*map(attrgetter(*(c.source for c in cols)), rows), strict=True)
+    return {c.name: list(v) for c, v in zip(cols, values, strict=True)}
 
 
 def _state_ops(table: str, w: StateWrites, rows: Sequence[Record]) -> list[Operation]:

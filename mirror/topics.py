@@ -14,7 +14,7 @@ module compiles those patterns once and routes each topic to its family by its f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,46 +54,52 @@ class Segment:
 
 @dataclass(frozen=True)
 class Route:
-    """A compiled topic pattern of one family: matching is one pass over the levels."""
+    """A compiled topic pattern of one family: matching is one regular expression over the
+    whole topic (in C), then the ids it captured are checked."""
 
     pattern: str
     family: Family
     build: Builder
     segments: tuple[Segment, ...]
+    regex: re.Pattern[str]
+    ids: tuple[str, ...]  # captured fields that are flespi ids
+    rest: str | None  # the field that captures the remaining levels, if any
 
     @classmethod
     def compile(cls, pattern: str, family: Family, build: Builder) -> Route:
-        return cls(pattern, family, build, tuple(Segment.parse(p) for p in pattern.split("/")))
+        segments = tuple(Segment.parse(p) for p in pattern.split("/"))
+        parts = []
+        for seg in segments:
+            if seg.literal is not None:
+                parts.append(re.escape(seg.literal))
+            elif seg.kind == "int":  # any text: a bad id refuses the message (INVALID_ID)
+                parts.append(f"(?P<{seg.name}>[^/]*)")
+            elif seg.kind == "rest":  # one or more levels, none empty
+                parts.append(f"(?P<{seg.name}>[^/]+(?:/[^/]+)*)")
+            elif seg.kind == "choice":
+                choices = "|".join(re.escape(c) for c in sorted(seg.choices))
+                parts.append(f"(?P<{seg.name}>(?:{choices}))")
+            else:
+                parts.append(f"(?P<{seg.name}>[^/]+)")
+        ids = tuple(s.name for s in segments if s.kind == "int")
+        rest = next((s.name for s in segments if s.kind == "rest"), None)
+        regex = re.compile("/".join(parts))
+        return cls(pattern, family, build, segments, regex, ids, rest)
 
     @property
     def specificity(self) -> int:
         return sum(1 for s in self.segments if s.fixed)
 
-    def match(self, levels: Sequence[str]) -> dict[str, Any] | None:
+    def match(self, topic: str) -> dict[str, Any] | None:
         """Captured fields, or None when the shape differs. Raises on a bad id."""
-        segs = self.segments
-        rest = segs[-1].kind == "rest"
-        if len(levels) < len(segs) if rest else len(levels) != len(segs):
+        found = self.regex.fullmatch(topic)
+        if found is None:
             return None
-        ids: list[tuple[str, str]] = []
-        fields: dict[str, Any] = {}
-        for seg, level in zip(segs, levels, strict=False):
-            if seg.literal is not None:
-                if level != seg.literal:
-                    return None
-            elif seg.kind == "int":
-                ids.append((seg.name, level))  # converted once the whole shape matched
-            elif seg.kind == "rest":
-                tail = tuple(levels[len(segs) - 1 :])
-                if "" in tail:
-                    return None
-                fields[seg.name] = tail
-            elif level == "" or (seg.kind == "choice" and level not in seg.choices):
-                return None
-            else:
-                fields[seg.name] = level
-        for name, text in ids:
-            fields[name] = parse_id(text, name)
+        fields: dict[str, Any] = found.groupdict()
+        for name in self.ids:
+            fields[name] = parse_id(fields[name], name)
+        if self.rest is not None:
+            fields[self.rest] = tuple(fields[self.rest].split("/"))
         return fields
 
 
@@ -112,12 +118,7 @@ def _compile() -> dict[tuple[str, str], tuple[Route, ...]]:
 
 
 ROUTES = _compile()
-
-
-def message_cid(msg: Inbound, default_cid: int | None) -> int | None:
-    """The account a message belongs to: its ``cid`` user property, else the session's."""
-    raw = msg.properties.get("cid")
-    return default_cid if raw is None else parse_id(raw, "cid")
+_CIDS: dict[str, int] = {}  # cid property text -> account id, parsed once
 
 
 def decode(
@@ -130,10 +131,22 @@ def decode(
     """
     levels = msg.topic.split("/")
     family = Family.UNKNOWN
-    cid = _lenient_cid(msg, default_cid)
+    # The account, once: a bad cid property refuses the message, which still counts as the
+    # session's account (as a message without one).
+    raw_cid = msg.properties.get("cid")
+    cid, bad_cid = default_cid, None
+    if raw_cid is not None:
+        cid = _CIDS.get(raw_cid)
+        if cid is None:
+            try:
+                cid = parse_id(raw_cid, "cid")
+                if len(_CIDS) < 1024:  # accounts are few; a flood of odd ones is not cached
+                    _CIDS[raw_cid] = cid
+            except Invalid as exc:
+                cid, bad_cid = default_cid, exc
     try:
         for route in ROUTES.get((levels[0], levels[1]) if len(levels) > 1 else ("", ""), ()):
-            fields = route.match(levels)
+            fields = route.match(msg.topic)
             if fields is None:
                 continue
             family = route.family
@@ -142,20 +155,14 @@ def decode(
                     Reason.PAYLOAD_TOO_LARGE,
                     f"payload of {len(msg.payload)} bytes exceeds the {max_payload_bytes} limit",
                 )
-            return route.build(fields, msg, message_cid(msg, default_cid))
+            if bad_cid is not None:
+                raise bad_cid
+            return route.build(fields, msg, cid)
         return Rejection(Reason.UNKNOWN_TOPIC, "topic matches no flespi topic family", cid=cid)
     except Invalid as rejection:
         return Rejection(rejection.reason, rejection.detail, family, cid)
     except Exception as exc:  # a decoder bug must cost one message, never the stream
         return Rejection(Reason.WRONG_SHAPE, f"could not decode: {type(exc).__name__}", family, cid)
-
-
-def _lenient_cid(msg: Inbound, default_cid: int | None) -> int | None:
-    """The account of a message that may be refused: a bad ``cid`` property counts as none."""
-    try:
-        return message_cid(msg, default_cid)
-    except Invalid:
-        return default_cid
 
 
 def lag_reference(msg: Inbound, record: Record | Rejection) -> float | None:

@@ -30,7 +30,7 @@ ALL_ROUTES = [route for group in ROUTES.values() for route in group]
 
 def _winner(topic: str) -> Route:
     levels = topic.split("/")
-    return next(r for r in ROUTES[(levels[0], levels[1])] if r.match(levels) is not None)
+    return next(r for r in ROUTES[(levels[0], levels[1])] if r.match(topic) is not None)
 
 
 @pytest.mark.parametrize("route", ALL_ROUTES, ids=[r.pattern for r in ALL_ROUTES])
