@@ -306,7 +306,8 @@ async def eventually_true(check: Any, timeout: float = 10.0) -> None:
 
 async def test_a_past_day_emptied_by_compaction_gives_its_index_space_back(engine):
     store = Store(engine)
-    yesterday = hour_start(NOW) - 86400 - (hour_start(NOW) % 86400)  # yesterday 00:00 UTC
+    # two days back, 00:00 UTC: a day over before the horizon whatever the hour of this run
+    yesterday = hour_start(NOW) - 2 * 86400 - (hour_start(NOW) % 86400)
     messages = [message(d, yesterday + 3600 + i * 60.0) for i in range(600) for d in (1, 2)]
     await write(store, messages)
     name = partitions.partition_name(
