@@ -88,7 +88,8 @@ def _merge_tied(kept: list[Record], record: Record) -> list[Record]:
 def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan:
     """Build the write plan for records given in arrival order."""
     plan = WritePlan()
-    newest: dict[tuple[Any, ...], tuple[int, list[Record], list[Inbound]]] = {}
+    # key -> [time in µs (computed once a second record of the key comes), records, messages]
+    newest: dict[tuple[Any, ...], list[Any]] = {}
     seen = 0
     for message, record in decoded:
         if isinstance(record, Rejection):
@@ -96,15 +97,22 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
             continue
         seen += 1
         key = record.key
-        micros = ts_micros(record.ts)
         current = newest.get(key)
-        if current is None or (micros > current[0] and not isinstance(record, _HISTORY)):
-            newest[key] = (micros, [record], [message])
-        elif micros == current[0] and not isinstance(record, _HISTORY):
+        if current is None:
+            newest[key] = [None, [record], [message]]
+            continue
+        if isinstance(record, _HISTORY):
+            continue  # the same message again: stored once
+        if current[0] is None:
+            current[0] = ts_micros(current[1][0].ts)
+        micros = ts_micros(record.ts)
+        if micros > current[0]:
+            newest[key] = [micros, [record], [message]]
+        elif micros == current[0]:
             kept = _merge_tied(current[1], record)
             if kept is not current[1]:
                 messages = [message] if kept == [record] else [*current[2], message]
-                newest[key] = (micros, kept, messages)
+                newest[key] = [micros, kept, messages]
     kept_count = sum(len(records) for _, records, _ in newest.values())
     plan.superseded = seen - kept_count
     # Keys start with their table name; within a table they share one shape, so they compare.

@@ -13,6 +13,8 @@ import logging
 import socket
 import threading
 import time
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -339,6 +341,28 @@ class Health:
         self.batch_held = False
         BATCH_HELD.set(0)
         self.update(database_ok=True)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` of each amount, counted per bucket first: one update of each bucket
+    touched instead of two locked updates per amount (a batch of 5,000 messages observes its
+    lags at once). Falls back to ``observe`` if prometheus_client's internals change."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    if not amounts:
+        return
+    counts: dict[int, int] = {}
+    for amount in amounts:
+        index = bisect_left(bounds, amount)
+        counts[index] = counts.get(index, 0) + 1
+    total.inc(sum(amounts))
+    for index, count in counts.items():
+        buckets[index].inc(count)
 
 
 class Readiness(Protocol):

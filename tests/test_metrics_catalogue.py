@@ -251,3 +251,29 @@ def test_rows_written_labels_are_the_store_statements() -> None:
     documented = documented_label_values()
     assert {t for t, _ in counted} == _values(documented["table"])
     assert {op for _, op in counted} | {"stale", "duplicate"} == _values(documented["operation"])
+
+
+def test_observe_many_counts_as_observe_does_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from mirror.metrics import observe_many
+
+    amounts = [0.0, 0.004, 0.005, 0.0051, 1.0, 2.5, 60.0, 1e9, 7.25]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    single = Histogram("lag_seconds", "x", registry=one, buckets=(0.005, 1, 2.5, 60))
+    bulk = Histogram("lag_seconds", "x", registry=many, buckets=(0.005, 1, 2.5, 60))
+    for amount in amounts:
+        single.observe(amount)
+    observe_many(bulk, amounts)
+    observe_many(bulk, [])
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for metric in registry.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(many) == samples(one)
+    assert samples(one)[("lag_seconds_bucket", "0.005")] == 3
