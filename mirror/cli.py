@@ -185,13 +185,14 @@ async def _run(settings: Settings) -> int:
     mirror = Mirror(settings, engine, health=health, resync=settings.resync)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, mirror.request_stop)
+        loop.add_signal_handler(sig, mirror.stop_on_time)
     try:
         await mirror.run()
     finally:
         await engine.dispose()
         if server is not None:
             server.stop()
+        mirror.cancel_stop_watchdog()
     log.info("stopped after committing %d messages", mirror.committed_messages)
     return 0
 

@@ -209,6 +209,7 @@ class Settings:
             "max_payload_bytes",
             "keepalive",
             "workers",
+            "shutdown_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", setting=name)

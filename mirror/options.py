@@ -346,6 +346,14 @@ OPTIONS: tuple[Option, ...] = (
         parse=number,
     ),
     Option(
+        "shutdown_timeout",
+        "Seconds a stop (SIGTERM) may take to commit and acknowledge what is in hand; past it "
+        "(and 5 s of grace) the process logs what it was waiting on and exits, leaving the rest "
+        "unacknowledged for the broker to deliver again. Keep it below the pod's "
+        "terminationGracePeriodSeconds.",
+        parse=number,
+    ),
+    Option(
         "compact_after",
         "Pack device and channel messages older than this many hours into one compressed row "
         "per device (channel and ident) and hour, about a tenth of the size (docs/sizing.md), "

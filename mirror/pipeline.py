@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +56,10 @@ REPAIR_RETRY_MAX = 300.0
 DROPPING_REASON_CODES = frozenset((0x89, 0x97, 0x96))
 # A hold counts for a lost link when it was still on this many seconds before the loss was seen.
 HOLD_RECENT = 60.0
+# A stop that outlasts --shutdown-timeout by this much is overdue: the process says what it
+# waited on and exits (nothing is lost: what it did not acknowledge is delivered again).
+SHUTDOWN_GRACE = 5.0
+EXIT_SHUTDOWN_OVERDUE = 3
 
 
 class Prepared(NamedTuple):
@@ -119,6 +125,7 @@ class Mirror:
         self.snapshot: SnapshotCoordinator | None = None
         self._stopping = asyncio.Event()
         self._deadline: float | None = None
+        self._overdue: asyncio.TimerHandle | None = None  # armed by stop_on_time
         self.committed_messages = 0
         self.committed_batches = 0
         self._in_hand_since: float | None = None  # receive time of the batch being written
@@ -199,6 +206,42 @@ class Mirror:
             self._stopping.set()
             self.health.update(stopping=True)
             self.source.stop_reading()
+
+    def stop_on_time(self) -> None:
+        """Request a stop that ends the process on time, whatever it waits on (the daemon's
+        SIGTERM; a library user calls request_stop). cancel_stop_watchdog disarms it."""
+        if self._stopping.is_set():
+            return
+        self.request_stop()
+        overdue = self.settings.shutdown_timeout + SHUTDOWN_GRACE
+        self._overdue = asyncio.get_running_loop().call_later(
+            overdue, self._shutdown_overdue, overdue
+        )
+        # The last resort, should the event loop itself be stuck: thread stacks, then exit.
+        faulthandler.dump_traceback_later(overdue + SHUTDOWN_GRACE, exit=True)
+
+    def cancel_stop_watchdog(self) -> None:
+        if self._overdue is not None:
+            self._overdue.cancel()
+            faulthandler.cancel_dump_traceback_later()
+
+    def _shutdown_overdue(self, after: float) -> None:
+        """The stop took too long (a statement blocked on a lock, a task that ignores its
+        cancellation): log every task still running with where it waits, and exit."""
+        waiting = []
+        for task in asyncio.all_tasks():
+            frames = task.get_stack()
+            where = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
+            waiting.append(f"{task.get_name()} at {where}")
+        log.error(
+            "stop overdue after %.0fs; exiting with %d messages unacknowledged (the broker "
+            "delivers them again). Still running: %s",
+            after,
+            self.source.unacked,
+            "; ".join(sorted(waiting)),
+        )
+        logging.shutdown()
+        os._exit(EXIT_SHUTDOWN_OVERDUE)
 
     async def prepare_database(self) -> None:
         """Migrate (unless disabled), retrying while the database cannot be reached."""
@@ -470,7 +513,7 @@ class Mirror:
                 prepared = self.prepare(batch)
                 if writing is not None:
                     await writing
-                writing = asyncio.create_task(self.write(prepared))
+                writing = asyncio.create_task(self.write(prepared), name="write")
         except ShutdownTimeout:
             self._shutdown_timed_out()
             writing = None

@@ -268,8 +268,13 @@ def wait_for_log(path: Path, needle: str, count: int = 1, timeout: float = 30) -
 
 
 def stop_process(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+    proc: subprocess.Popen[bytes],
+    sig: int = signal.SIGTERM,
+    timeout: float = 30,
+    log_path: Path | None = None,
 ) -> int:
+    """Signal the process and wait for it; one that does not end is killed, and the failure
+    shows the end of its log (``log_path``) so the reason is in the report."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
@@ -277,7 +282,8 @@ def stop_process(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise
+        tail = log_path.read_text(errors="replace")[-4000:] if log_path else "(no log kept)"
+        raise AssertionError(f"the process did not stop within {timeout}s; log:\n{tail}") from None
 
 
 def promtool(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

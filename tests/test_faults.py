@@ -347,7 +347,7 @@ async def test_sigterm_while_a_lock_blocks_the_batch_commits_it_once_the_lock_go
     finally:
         await locker.close()
         await engine.dispose()
-        stop_process(proc)
+        stop_process(proc, log_path=log)
     record_figures(
         "daemon_sigterm_blocked_batch",
         {
@@ -432,7 +432,7 @@ async def test_postgres_down_30s_holds_acks_bounds_memory_and_catches_up(
         assert growth < 64 * MiB, f"RSS grew by {growth / MiB:.1f} MiB during the outage"
     finally:
         await engine.dispose()
-        code = stop_process(proc)
+        code = stop_process(proc, log_path=log)
     assert code == 0
     record_figures(
         "postgres_down_30s",
@@ -574,7 +574,7 @@ async def test_table_lock_shows_as_lag_keeps_unacked_bounded_and_loses_nothing(
     finally:
         await locker.close()
         await engine.dispose()
-        stop_process(proc)
+        stop_process(proc, log_path=log)
     record_figures(
         "slow_database_lock_5s",
         {
@@ -829,3 +829,47 @@ async def test_retained_burst_of_30000_topics_at_start_is_mirrored_with_bounded_
             "rss_peak_mib": round(rss.peak / MiB, 1),
         },
     )
+
+
+async def test_a_stop_blocked_on_a_lock_ends_on_time_and_loses_nothing(
+    broker, database, schema_name, tmp_path
+):
+    """SIGTERM while the batch in hand waits on a table lock: the write would wait for the
+    command timeout (minutes); the stop ends at --shutdown-timeout plus its grace, says what it
+    waited on, and the next start gets the unacknowledged message again."""
+    log = tmp_path / "daemon.log"
+    args = ("--shutdown-timeout", "1", "--log-level", "debug")
+    proc = daemon_process(broker.url, database.url, schema_name, *args, log_path=log)
+    engine = create_engine(database.url, schema_name)
+    locker = await asyncpg.connect(**asyncpg_connect_kwargs(database.url))
+    try:
+        wait_for_log(log, "subscribed to")
+        tr = locker.transaction()
+        await tr.start()
+        await locker.execute(f'LOCK TABLE "{schema_name}".telemetry IN ACCESS EXCLUSIVE MODE')
+        topic = "flespi/state/gw/devices/77/telemetry/speed"
+        publish_many(broker.url, [(topic, b"42", {"timestamp": repr(time.time())}, False)])
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass"
+        deadline = time.monotonic() + 20
+        while not await locker.fetchval(waiting, f'"{schema_name}".telemetry'):
+            assert time.monotonic() < deadline, "the daemon's write never reached the lock"
+            await asyncio.sleep(0.1)
+        stopped_at = time.monotonic()
+        code = stop_process(proc, timeout=20, log_path=log)
+        took = time.monotonic() - stopped_at
+        await tr.rollback()
+        text = log.read_text(errors="replace")
+        assert code == 3, (code, text[-2000:])
+        assert "stop overdue after 6s" in text and "Still running:" in text, text[-2000:]
+        assert took < 15, took
+        restarted = daemon_process(broker.url, database.url, schema_name, log_path=log)
+        try:
+            rows = "SELECT count(*) FROM telemetry WHERE device_id = 77"
+            await wait_rows(engine, rows, 1, 30)
+        finally:
+            assert stop_process(restarted, log_path=log) == 0
+    finally:
+        await locker.close()
+        await engine.dispose()
+        if proc.poll() is None:
+            stop_process(proc, sig=signal.SIGKILL)

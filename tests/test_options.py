@@ -68,7 +68,6 @@ def test_declared_defaults_are_the_settings_defaults():
 def test_every_settings_field_a_user_sets_is_declared():
     declared = {o.name for o in options_for("run")}
     internal = {
-        "shutdown_timeout",
         "maintenance_interval",
         "partition_days_ahead",
         "snapshot_quiet",
