@@ -433,7 +433,7 @@ async def test_postgres_down_30s_holds_acks_bounds_memory_and_catches_up(
     finally:
         await engine.dispose()
         code = stop_process(proc, log_path=log)
-    assert code == 0
+    assert code == 0, log.read_text(errors="replace")[-3000:]
     record_figures(
         "postgres_down_30s",
         {
