@@ -1,8 +1,12 @@
 """The typed records a flespi message becomes, and why one may be rejected.
 
-One small frozen record per topic family; ``None`` in a state record's value field means
-"deleted as of ts". Each record knows its ``key`` (table and primary key), which is all the
-coalescing in ``batch.py`` needs. Pure data, no logic beyond that.
+One small record per topic family; ``None`` in a state record's value field means "deleted
+as of ts". Each record knows its ``key`` (table and primary key), which is all the coalescing in
+``batch.py`` needs. Pure data, no logic beyond that.
+
+Records are never changed once made, but they are not ``frozen`` dataclasses: a frozen class
+sets each field through ``object.__setattr__``, which made building one about six times slower
+(1.0 against 0.17 us for seven fields, measured here), paid twice per message on the hot path.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class Family(StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inbound:
     """One message as received from the broker."""
 
@@ -61,7 +65,7 @@ class Inbound:
     message_expiry: int | None = None  # MQTT 5 message expiry interval left, in seconds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TelemetryUpdate:
     """``expires_at``: when flespi drops the value (its MQTT message expiry), else None."""
 
@@ -80,7 +84,7 @@ class TelemetryUpdate:
         return ("telemetry", self.device_id, self.name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettingUpdate:
     """``settings/{name}`` and deeper ``settings/{name}/{field}/...`` levels.
 
@@ -103,7 +107,7 @@ class SettingUpdate:
         return ("device_settings", self.device_id, self.name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PluginConfigUpdate:
     plugin_id: int
     device_id: int
@@ -119,7 +123,7 @@ class PluginConfigUpdate:
         return ("plugin_device_configs", self.plugin_id, self.device_id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ObjectUpdate:
     """The whole object (``props`` a JSON object) or its deletion (``props`` None)."""
 
@@ -138,7 +142,7 @@ class ObjectUpdate:
         return ("objects", self.api, self.origin, self.object_id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ObjectPropertyUpdate:
     """One property (``path`` may be nested: ``connections/123``) or its removal."""
 
@@ -158,7 +162,7 @@ class ObjectPropertyUpdate:
         return ("object_properties", self.api, self.origin, self.object_id, self.path)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IntervalEvent:
     """A calculator interval. ``data`` None means the interval was deleted.
 
@@ -188,7 +192,7 @@ class IntervalEvent:
         return ("intervals", self.calc_id, self.device_id, self.interval_key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CalculatorDeviceUpdate:
     """One field (``last``, ``active`` or ``synced``) of a calculator's state for a device.
 
@@ -212,7 +216,7 @@ class CalculatorDeviceUpdate:
         return ("calculator_devices", self.calc_id, self.device_id, self.field)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeviceMessage:
     """One device message; the last seven fields are its typed position (payloads.track)."""
 
@@ -238,7 +242,7 @@ class DeviceMessage:
         return ("device_messages", self.device_id, self.ts, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelMessage:
     channel_id: int
     ident: str
@@ -255,7 +259,7 @@ class ChannelMessage:
         return ("channel_messages", self.channel_id, self.ident, self.ts, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ModemMessage:
     modem_id: int
     phone: str
@@ -271,7 +275,7 @@ class ModemMessage:
         return ("modem_messages", self.modem_id, self.phone, self.ts, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlatformLog:
     """A record of ``flespi/log/{api}/{origin...}/{event_type}``; ``origin`` is the levels
     between the API and the event, joined with ``/`` (``devices/5/commands-queue/1``)."""
@@ -292,7 +296,7 @@ class PlatformLog:
         return ("platform_logs", self.api, self.origin, self.event_type, self.ts, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OtherMessage:
     """A ``flespi/message/...`` publication of a family not modelled yet (chats, containers,
     abques): kept whole under its topic rather than dead-lettered."""
@@ -310,7 +314,7 @@ class OtherMessage:
         return ("other_messages", self.topic, self.ts, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     reason: Reason
     detail: str
