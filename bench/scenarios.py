@@ -327,7 +327,7 @@ async def _latency(s: Services, opts: Options) -> dict[str, Any]:
             result = await super().commit(batch)
             now = time.time()
             for message in batch:
-                stamp = message.inbound.properties.get("timestamp")
+                stamp = message.properties.get("timestamp")
                 if stamp is not None:
                     latencies.append(now - float(stamp))
             return result

@@ -62,6 +62,13 @@ SHUTDOWN_GRACE = 5.0
 EXIT_SHUTDOWN_OVERDUE = 3
 
 
+def _inbound(m: Received) -> Inbound:
+    """What the session received, as decoding takes it."""
+    return Inbound(
+        m.topic, m.payload, m.properties, m.received_at, m.retain, m.qos, m.message_expiry
+    )
+
+
 class Prepared(NamedTuple):
     """A batch decoded and coalesced, ready to be written."""
 
@@ -542,7 +549,8 @@ class Mirror:
         # The token's account (from the CONNACK) for messages that carry no cid property.
         default_cid = self.source.account_cid
         decoded = [
-            (m.inbound, decode(m.inbound, max_payload, default_cid)) for m in batch.messages
+            (inbound, decode(inbound, max_payload, default_cid))
+            for inbound in map(_inbound, batch.messages)
         ]
         return Prepared(batch, decoded, coalesce(decoded))
 
@@ -555,13 +563,13 @@ class Mirror:
         """Write a prepared batch (retrying while the database is away), then acknowledge it."""
         batch, decoded, plan = prepared
         messages = batch.messages
-        self._in_hand_since = messages[0].inbound.received_at if messages else None
+        self._in_hand_since = messages[0].received_at if messages else None
         try:
             result = await self._write_until_done(plan)
         finally:
             self._in_hand_since = None
         if result.set_aside:
-            self._set_aside(batch, plan, result.set_aside)
+            self._set_aside(prepared, result.set_aside)
         acked = batch.ack()
         now = self._last_commit_at = time.time()
         self._observe(messages, decoded, plan, result, now)
@@ -603,15 +611,18 @@ class Mirror:
     # retried on its own with backoff while the rest of the stream commits. Newest-wins guards
     # make the later write of an older record harmless. /readyz and a gauge show it waiting.
 
-    def _set_aside(self, batch: Batch, plan: WritePlan, records: list[tuple[Record, str]]) -> None:
+    def _set_aside(self, prepared: Prepared, records: list[tuple[Record, str]]) -> None:
         now = time.time()
+        batch, decoded, plan = prepared
+        received = {id(inbound): m for m, (inbound, _) in zip(batch.messages, decoded, strict=True)}
         for record, detail in records:
             origin = plan.origins.get(id(record))
             alone = WritePlan()
             alone.add(record)
             if origin is not None:
                 alone.origins[id(record)] = origin
-            held = batch.take_out({id(origin)} if origin is not None else set())
+            message = received.get(id(origin))
+            held = batch.take_out({id(message)} if message is not None else set())
             self._aside.append(_Aside(alone, held, now, detail))
             metrics.SET_ASIDE_TOTAL.labels("set_aside").inc()
             log.error(

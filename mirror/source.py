@@ -85,7 +85,6 @@ from mirror.mqtt import (
     account_cid_from,
     reason_text,
 )
-from mirror.records import Inbound
 from mirror.transport import Connection, open_connection
 
 __all__ = [
@@ -110,9 +109,18 @@ ConnectFn = Callable[[], Awaitable[Connection]]
 
 @dataclass(slots=True)
 class Received:
-    """One message held until its batch is acknowledged."""
+    """One message as the broker delivered it, held until its batch is acknowledged.
 
-    inbound: Inbound
+    The session hands over bytes, topic and properties; what they mean (the domain's
+    ``records.Inbound`` and the record it becomes) is decoding's business, not the session's."""
+
+    topic: str
+    payload: bytes
+    properties: dict[str, str]  # MQTT 5 user properties
+    received_at: float  # Unix time
+    retain: bool
+    qos: int
+    message_expiry: int | None  # the expiry interval left, in seconds (flespi expires telemetry)
     packet_id: int  # 0 for QoS 0: nothing to acknowledge
     size: int  # bytes on the wire, for the memory bound
     epoch: int  # the connection it came in on
@@ -136,11 +144,11 @@ class Batch:
         self._done = True
         return self._ack(self)
 
-    def take_out(self, inbound: Collection[int]) -> Batch:
-        """Move the messages whose ``inbound`` is one of those given (by ``id``) into a batch of
-        their own, acknowledged on its own later (a record set aside: see pipeline.py)."""
-        out = [m for m in self.messages if id(m.inbound) in inbound]
-        self.messages = [m for m in self.messages if id(m.inbound) not in inbound]
+    def take_out(self, messages: Collection[int]) -> Batch:
+        """Move the messages given (by ``id``) into a batch of their own, acknowledged on its
+        own later (a record set aside: see pipeline.py)."""
+        out = [m for m in self.messages if id(m) in messages]
+        self.messages = [m for m in self.messages if id(m) not in messages]
         size = sum(m.size for m in out)
         self.size -= size
         return Batch(out, size, self._ack)
@@ -234,7 +242,7 @@ class MqttSource:
 
     def oldest_buffered_at(self) -> float | None:
         """Receive time of the oldest message still waiting to be taken, if any."""
-        return self._buffer[0].inbound.received_at if self._buffer else None
+        return self._buffer[0].received_at if self._buffer else None
 
     async def take(self, max_messages: int, max_wait: float, max_bytes: int | None = None) -> Batch:
         """Wait for the first message, then up to ``max_wait`` for a full batch (``max_messages``
@@ -613,16 +621,20 @@ class MqttSource:
                 return  # live traffic: the main session delivers it (QoS 0: nothing to ack)
             self.last_retained_at = time.monotonic()
             self.retained_received += 1
-        inbound = Inbound(
-            topic,
-            packet.payload,
-            dict(packet.user_properties),
-            now,
-            packet.retain,
-            int(qos),
-            packet.message_expiry_interval,  # flespi expires telemetry (issue 8 item 9)
+        self._buffer.append(
+            Received(
+                topic,
+                packet.payload,
+                dict(packet.user_properties),
+                now,
+                packet.retain,
+                int(qos),
+                packet.message_expiry_interval,  # flespi expires telemetry (issue 8 item 9)
+                packet.packet_id or 0,
+                size,
+                link.epoch,
+            )
         )
-        self._buffer.append(Received(inbound, packet.packet_id or 0, size, link.epoch))
         self._buffered_bytes += size
         self._unacked += 1
         self._unacked_bytes += size
