@@ -32,6 +32,10 @@ class Fatal:
     exit_code: int = 2
 
 
+class BrokerUnreachable(Exception):
+    """No MQTT session could be had for a command; the message says what to check."""
+
+
 def error_chain(exc: BaseException) -> list[BaseException]:
     """The exception and what it wraps: SQLAlchemy's ``orig``, causes, and contexts that
     Python shows (not those hidden by ``raise ... from None``)."""
@@ -86,6 +90,8 @@ def describe(exc: BaseException) -> Fatal | None:
             f"{_DATABASE_SETTING} and that the server runs",
             exit_code=1,
         )
+    if isinstance(exc, BrokerUnreachable):
+        return Fatal(str(exc), exit_code=1)
     state = sqlstate(exc)
     if state is not None:
         return _describe_sqlstate(state, exc)

@@ -48,6 +48,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -169,10 +170,12 @@ class _Route:
     prefix: str
     queue: asyncio.Queue[PublishPacket]
     qos: int
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the broker granted it
 
 
 class MqttSource:
-    """One MQTT 5 session (persistent unless a snapshot), reconnecting until :meth:`close`."""
+    """One MQTT 5 session (persistent unless a snapshot or a requester), reconnecting until
+    :meth:`close`."""
 
     def __init__(
         self,
@@ -183,11 +186,17 @@ class MqttSource:
         on_reconnect: Callable[[], None] | None = None,
         resync: bool = False,
         snapshot: bool = False,
+        requester: bool = False,
     ) -> None:
         self.settings = settings
         # A snapshot session is throwaway: clean start, no expiry, QoS 0, every retained message
         # on subscribe, and only retained messages kept (live ones arrive on the main session).
         self.snapshot = snapshot
+        # A requester session (the backfill and reconcile commands) is throwaway too, under a
+        # client id of its own beside a running daemon, and subscribes to its routes only.
+        self.requester = requester
+        self._throwaway = snapshot or requester
+        self._requester_id = uuid.uuid4().hex[:8]
         self._connect = connect or self._open
         self._on_connection_change = on_connection_change or (lambda _up: None)
         self._on_reconnect = on_reconnect or (lambda: None)
@@ -373,15 +382,17 @@ class MqttSource:
         queue: asyncio.Queue[PublishPacket],
         *,
         qos: int = 0,
-    ) -> None:
+    ) -> asyncio.Event:
         """Deliver messages whose topic starts with ``prefix`` to ``queue``, not the pipeline;
-        ``topic_filter`` is subscribed on every (re)connect, and now if connected."""
+        ``topic_filter`` is subscribed on every (re)connect, and now if connected. The event
+        returned is set once the broker has granted the subscription."""
         route = _Route(topic_filter, prefix, queue, qos)
         self._routes[prefix] = route
         link = self._link
         if link is not None and not link.closed:
             task = asyncio.get_running_loop().create_task(self._subscribe_routes(link, [route]))
             task.add_done_callback(_log_failure)
+        return route.ready
 
     def unroute(self, prefix: str) -> None:
         self._routes.pop(prefix, None)
@@ -411,6 +422,8 @@ class MqttSource:
                 self._disconnected()
             if self._closing.is_set():
                 break
+            if self.requester and self.session_present is None:
+                break  # a command's first connection failed: it says so now (rest_carrier.py)
             failures = 0 if time.monotonic() - started > 30 else failures + 1
             delay = random.uniform(BACKOFF_MIN, min(BACKOFF_MAX, BACKOFF_MIN * 2**failures))
             self._on_reconnect()
@@ -438,6 +451,8 @@ class MqttSource:
     @property
     def client_id(self) -> str:
         base = self.settings.effective_client_id()
+        if self.requester:
+            return f"{base}-rest-{self._requester_id}"
         return f"{base}-snapshot" if self.snapshot else base
 
     def _where(self) -> str:
@@ -456,9 +471,9 @@ class MqttSource:
             self.client_id,
             username=None if s.token_in_password else token,
             password=token.encode() if (token and s.token_in_password) else None,
-            clean_start=self.snapshot,
+            clean_start=self._throwaway,
             keep_alive=s.keepalive,
-            session_expiry_interval=0 if self.snapshot else s.session_expiry,
+            session_expiry_interval=0 if self._throwaway else s.session_expiry,
             receive_max=min(s.max_unacked, RECEIVE_MAXIMUM_LIMIT),
             max_packet_size=s.max_packet_bytes,
             topic_alias_max=0,  # never: aliases would tie messages to connection state
@@ -731,6 +746,11 @@ class MqttSource:
         return await future  # no timeout: the connection's end fails it (see _disconnected)
 
     async def _subscribe(self, link: Link) -> None:
+        if self.requester:  # its routes only, granted before anything is asked
+            await self._subscribe_routes(link, list(self._routes.values()))
+            self.subscribed = True
+            self.subscribed_event.set()
+            return
         qos = 0 if self.snapshot else min(1, self._max_qos)
         # retain_handling=1: retained messages only for a subscription the session lacks, so a
         # reconnect to a persistent session does not replay the whole retained state.
@@ -779,6 +799,8 @@ class MqttSource:
                 log.error(
                     "the broker refused the subscription %s: %s", route.topic_filter, code.name
                 )
+            else:
+                route.ready.set()
 
 
 _PUBACKS: list[bytes | None] = [None] * 65536

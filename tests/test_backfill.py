@@ -31,7 +31,7 @@ from mirror.resync import PENDING, record_gap
 from mirror.simulate import SimulationOptions, drop_session, run_simulation
 from mirror.traffic import FIRST_DEVICE_ID
 from tests.helpers import ROOT, publisher, query, running_mirror, settings_for, settle
-from tests.launchers import MosquittoBroker, TestDatabase
+from tests.launchers import MosquittoBroker, TestDatabase, free_port
 
 DEVICES = 6
 
@@ -266,6 +266,25 @@ def test_a_backfill_without_a_start_is_refused_naming_the_flag() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--from" in done.stderr and "start of its window" in done.stderr
+
+
+def test_a_command_that_cannot_reach_the_broker_says_what_to_check(
+    database: TestDatabase, schema_name: str
+) -> None:
+    """The commands' requester session (the daemon's own session code): a refused first
+    connection ends the command at once, in one line naming the broker and what to check."""
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror.cli", "reconcile", "--mqtt-url", url,
+         "--database-url", database.url, "--schema", schema_name],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"no session with the broker at {url}" in done.stderr, done.stderr
+    assert "check --mqtt-url" in done.stderr
+    assert time.monotonic() - started < 20  # not the 30 s connect timeout
 
 
 async def test_the_reconcile_command_deletes_what_flespi_lost_and_refuses_to_empty_a_table(
