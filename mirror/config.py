@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
@@ -443,6 +443,15 @@ def redact_url(url: str) -> str:
         query = []
     masked = [(k, "***" if k in _SECRET_PARAMETERS else v) for k, v in query]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(masked, safe="*/:"), ""))
+
+
+def psql_url(url: str, schema: str) -> str:
+    """``url`` for people to paste into psql: libpq's ``options`` sets the search path, so the
+    README's unqualified queries (``SELECT * FROM devices``) find the mirror's schema."""
+    parts = urlsplit(url)
+    option = "options=" + quote(f"-csearch_path={schema}", safe="")
+    query = f"{parts.query}&{option}" if parts.query else option
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 def redact_mqtt_url(url: str) -> str:
