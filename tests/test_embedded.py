@@ -105,7 +105,7 @@ async def test_readme_sql_runs_as_pasted_into_the_printed_psql_string(broker, tm
         while "(1 row)" not in psql(url, "SELECT 1 FROM flespi.device_track LIMIT 1").stdout:
             assert time.monotonic() < deadline, "the simulated traffic never reached the tables"
             await asyncio.sleep(0.2)
-        statements = readme_sql("## Quick start") + readme_sql("### Example SQL")
+        statements = readme_sql("## Quick start") + readme_sql("## Example SQL")
         assert len(statements) > 10 and any("FROM devices" in s for s in statements)
         for statement in statements:
             result = psql(url, statement)
