@@ -15,8 +15,14 @@ import pytest
 from mirror.config import asyncpg_connect_kwargs
 from mirror.simulate import SimulationOptions, run_simulation
 from tests.helpers import ROOT, Publisher, daemon_process, stop_process, wait_for_log
+from tests.launchers import embedded_postgres_refused
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        embedded_postgres_refused() is not None, reason=embedded_postgres_refused() or ""
+    ),
+]
 
 
 def run_embedded(broker_url: str, data_dir, log):
