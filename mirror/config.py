@@ -183,6 +183,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self._check_schema()
+        if self.database_url:  # a URL that cannot work fails here, before anything starts
+            database_target(self.database_url.reveal())
         broker = BrokerAddress.parse(self.mqtt_url)
         if self.token and broker.is_flespi and not broker.tls and not self.allow_plain_token:
             raise ConfigError(
@@ -351,6 +353,7 @@ _ASYNCPG_DSN_PARAMETERS = frozenset(
 # libpq parameters that become a server setting of the connection's start-up packet.
 _STARTUP_PARAMETERS = frozenset(("application_name", "options"))
 _SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SCHEMES = ("postgresql", "postgres")
 
 
@@ -403,6 +406,11 @@ def database_target(url: str) -> DatabaseTarget:
     settings: dict[str, str] = {}
     timeout: float | None = None
     for name, value in query:
+        if name == "sslmode" and value not in _SSLMODES:
+            raise ConfigError(
+                f"sslmode={value!r} in the URL: use one of {', '.join(_SSLMODES)}",
+                setting="database_url",
+            )
         if name in _ASYNCPG_DSN_PARAMETERS:
             kept.append((name, value))
         elif name in _STARTUP_PARAMETERS:
