@@ -24,6 +24,7 @@ quickstart: $(STAMP) mosquitto
 	@bash scripts/quickstart.sh
 
 # The tests start their own Mosquitto; install the broker when it is missing and we may.
+# NO_INSTALL=1 (for these three targets): never install, name the missing package instead.
 mosquitto:
 	@bash scripts/ensure-mosquitto.sh
 

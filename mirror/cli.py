@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror import __version__
-from mirror.config import ConfigError, Settings, redact_url
+from mirror.config import ConfigError, Settings, psql_url, redact_url
 from mirror.failures import describe
 from mirror.options import (
     RESYNC,
@@ -97,8 +97,8 @@ def with_database(settings: Settings) -> tuple[Settings, Any]:
     url = embedded.ensure_database()
     print(
         f"embedded PostgreSQL running (data in {embedded.pgdata})\n"
-        f"  connect with: psql '{url}'\n"
-        f"  tables are in schema {settings.schema}",
+        f"  connect with: psql '{psql_url(url, settings.schema)}'\n"
+        f"  tables are in schema {settings.schema} (that string puts it on the search path)",
         file=sys.stderr,
         flush=True,
     )

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 DEFAULT_MQTT_URL = "mqtts://mqtt.flespi.io:8883"
 DEFAULT_TOPICS = ("flespi/state/#", "flespi/message/#", "flespi/interval/#")
@@ -183,6 +183,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self._check_schema()
+        if self.database_url:  # a URL that cannot work fails here, before anything starts
+            database_target(self.database_url.reveal())
         broker = BrokerAddress.parse(self.mqtt_url)
         if self.token and broker.is_flespi and not broker.tls and not self.allow_plain_token:
             raise ConfigError(
@@ -352,6 +354,7 @@ _ASYNCPG_DSN_PARAMETERS = frozenset(
 # libpq parameters that become a server setting of the connection's start-up packet.
 _STARTUP_PARAMETERS = frozenset(("application_name", "options"))
 _SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SCHEMES = ("postgresql", "postgres")
 
 
@@ -404,6 +407,11 @@ def database_target(url: str) -> DatabaseTarget:
     settings: dict[str, str] = {}
     timeout: float | None = None
     for name, value in query:
+        if name == "sslmode" and value not in _SSLMODES:
+            raise ConfigError(
+                f"sslmode={value!r} in the URL: use one of {', '.join(_SSLMODES)}",
+                setting="database_url",
+            )
         if name in _ASYNCPG_DSN_PARAMETERS:
             kept.append((name, value))
         elif name in _STARTUP_PARAMETERS:
@@ -444,6 +452,15 @@ def redact_url(url: str) -> str:
         query = []
     masked = [(k, "***" if k in _SECRET_PARAMETERS else v) for k, v in query]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(masked, safe="*/:"), ""))
+
+
+def psql_url(url: str, schema: str) -> str:
+    """``url`` for people to paste into psql: libpq's ``options`` sets the search path, so the
+    README's unqualified queries (``SELECT * FROM devices``) find the mirror's schema."""
+    parts = urlsplit(url)
+    option = "options=" + quote(f"-csearch_path={schema}", safe="")
+    query = f"{parts.query}&{option}" if parts.query else option
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 def redact_mqtt_url(url: str) -> str:

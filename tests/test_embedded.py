@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
 
 import asyncpg
@@ -12,9 +13,16 @@ import psutil
 import pytest
 
 from mirror.config import asyncpg_connect_kwargs
-from tests.helpers import Publisher, daemon_process, stop_process, wait_for_log
+from mirror.simulate import SimulationOptions, run_simulation
+from tests.helpers import ROOT, Publisher, daemon_process, stop_process, wait_for_log
+from tests.launchers import embedded_postgres_refused
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        embedded_postgres_refused() is not None, reason=embedded_postgres_refused() or ""
+    ),
+]
 
 
 def run_embedded(broker_url: str, data_dir, log):
@@ -71,3 +79,42 @@ async def test_embedded_postgres_starts_persists_across_runs_and_stops(broker, t
         line for line in log.read_text().splitlines() if "Warning" in line or "alembic" in line
     ]
     assert noise == []
+
+
+def readme_sql(after: str) -> list[str]:
+    """The statements of the first ```sql block after the heading ``after`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(after, 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    code = "\n".join(line for line in block.splitlines() if not line.startswith("--"))
+    return [s.strip() for s in code.split(";") if s.strip()]
+
+
+def psql(url: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """``psql URL`` as a reader types it (no ~/.psqlrc, stop at the first error)."""
+    return subprocess.run(
+        ["psql", url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+async def test_readme_sql_runs_as_pasted_into_the_printed_psql_string(broker, tmp_path):
+    """`run` prints a psql string; README's quick-start and example queries, unqualified, work
+    through it as they are, on a mirror filled by `simulate`."""
+    log = tmp_path / "daemon.log"
+    proc = run_embedded(broker.url, tmp_path / "pgdata", log)
+    try:
+        wait_for_log(log, "subscribed to", timeout=120)
+        url = re.findall(r"connect with: psql '([^']+)'", log.read_text())[-1]
+        options = SimulationOptions(mqtt_url=broker.url, devices=3, rate=0, duration=2)
+        await asyncio.to_thread(run_simulation, options)
+        deadline = time.monotonic() + 30
+        while "(1 row)" not in psql(url, "SELECT 1 FROM flespi.device_track LIMIT 1").stdout:
+            assert time.monotonic() < deadline, "the simulated traffic never reached the tables"
+            await asyncio.sleep(0.2)
+        statements = readme_sql("## Quick start") + readme_sql("## Example SQL")
+        assert len(statements) > 10 and any("FROM devices" in s for s in statements)
+        for statement in statements:
+            result = psql(url, statement)
+            assert result.returncode == 0, f"{statement}\n{result.stderr}"
+    finally:
+        assert stop_process(proc, signal.SIGTERM, timeout=60) == 0

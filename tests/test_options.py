@@ -1,4 +1,4 @@
-"""Options are declared once (mirror/options.py); flags, --help, README and workers derive."""
+"""Options are declared once (mirror/options.py); flags, --help, docs and workers derive."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ import pytest
 
 from mirror.cli import build_parser, settings_from
 from mirror.config import ConfigError, Secret, Settings
-from mirror.options import OPTIONS, environment, markdown_table, options_for, resolve
+from mirror.options import (
+    OPTIONS,
+    SHARED_TABLE,
+    SHARING_COMMANDS,
+    environment,
+    markdown_table,
+    options_for,
+    resolve,
+)
 from mirror.workers import worker_command
 from tests.helpers import ROOT
-
-README = (ROOT / "README.md").read_text()
 
 
 def values_for(argv: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
@@ -36,16 +42,45 @@ def cli(
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("command", ["run", "simulate", "backfill", "reconcile"])
-def test_readme_option_table_is_the_declarations(command):
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
+
+
+def documented_table(name: str) -> str:
     block = re.search(
-        rf"<!-- options:{command} -->\n(.*?)\n<!-- /options:{command} -->", README, re.DOTALL
+        rf"<!-- options:{name} -->\n(.*?)\n<!-- /options:{name} -->", CONFIGURATION, re.DOTALL
     )
-    assert block, f"README.md has no options:{command} block"
-    assert block.group(1) == markdown_table(command), (
-        "README.md's option table differs from mirror/options.py: run "
-        ".venv/bin/python scripts/update-readme-options.py"
+    assert block, f"docs/configuration.md has no options:{name} block"
+    return block.group(1)
+
+
+def documented_flags(name: str) -> list[str]:
+    """The first flag of each row of a documented option table."""
+    return re.findall(r"^\| `(--[\w-]+)`", documented_table(name), re.MULTILINE)
+
+
+@pytest.mark.parametrize("table", [SHARED_TABLE, *SHARING_COMMANDS, "simulate"])
+def test_documented_option_table_is_the_declarations(table):
+    assert documented_table(table) == markdown_table(table), (
+        "docs/configuration.md's option table differs from mirror/options.py: run "
+        ".venv/bin/python scripts/update-option-tables.py"
     )
+
+
+@pytest.mark.parametrize("command", [*SHARING_COMMANDS, "simulate"])
+def test_every_option_of_a_command_is_documented_in_exactly_one_table(command):
+    """run, backfill and reconcile: the shared table plus their own; simulate: its own."""
+    shown = documented_flags(command)
+    if command in SHARING_COMMANDS:
+        shown += documented_flags(SHARED_TABLE)
+    declared = [o.option_string for o in options_for(command) if not o.hidden]
+    assert sorted(shown) == sorted(declared)
+
+
+def test_the_shared_table_holds_what_run_backfill_and_reconcile_all_take():
+    shared = set(documented_flags(SHARED_TABLE))
+    assert {"--database-url", "--mqtt-url", "--token", "--schema", "--cid"} <= shared
+    for command in SHARING_COMMANDS:
+        assert not shared & set(documented_flags(command)), command
 
 
 @pytest.mark.parametrize("command", ["run", "migrate", "simulate", "backfill", "reconcile"])

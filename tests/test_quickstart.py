@@ -1,4 +1,5 @@
-"""The README's quick start: `simulate` + `run` against a local broker fill every table."""
+"""The README's quick start: `simulate` + `run` against a local broker fill every table, and
+Ctrl-C ends it cleanly."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
+
+import psutil
 
 from mirror.database import create_engine
 from mirror.simulate import SimulationOptions, run_simulation
@@ -20,7 +24,7 @@ from tests.helpers import (
     settle,
     wait_for_log,
 )
-from tests.launchers import MosquittoBroker
+from tests.launchers import MosquittoBroker, TestDatabase
 
 DATA_TABLES = [
     "telemetry",
@@ -71,21 +75,9 @@ async def test_make_quickstart_works_with_a_broker_already_on_1883(database, sch
     occupant = None
     if _port_free(1883):  # the newcomer's situation: something already listens on 1883
         occupant = MosquittoBroker(port=1883).start()
-    env = {
-        **os.environ,
-        "MIRROR_DATABASE_URL": database.url,
-        "MIRROR_SCHEMA": schema_name,
-        "DEVICES": "5",
-        "RATE": "300",
-        "DURATION": "3",
-    }
-    env.pop("FLESPI_TOKEN", None)
     log = tmp_path / "quickstart.log"
-    with log.open("w") as out:
-        script = subprocess.Popen(
-            ["make", "--no-print-directory", "quickstart"], cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    command = ["make", "--no-print-directory", "quickstart"]
+    script = start_quickstart(command, database, schema_name, log, devices=5, rate=300, duration=3)
     engine = create_engine(database.url, schema_name)
     try:
         wait_for_log(log, "the mirror keeps running", timeout=180)
@@ -95,12 +87,51 @@ async def test_make_quickstart_works_with_a_broker_already_on_1883(database, sch
         sent = int(re.search(r"device_message=(\d+)", output)[1])
         assert sent > 0
         await eventually(engine, "SELECT count(*) FROM device_messages", [(sent,)], timeout=30)
+        logs = int(re.search(r"platform_log=(\d+)", output)[1])
+        assert logs > 0  # the quick start runs the mirror with --logs: platform_logs fills too
+        await eventually(engine, "SELECT count(*) FROM platform_logs", [(logs,)], timeout=30)
     finally:
         await engine.dispose()
-        os.killpg(script.pid, signal.SIGINT)
+        os.killpg(script.pid, signal.SIGINT)  # Ctrl-C, as the terminal sends it to the group
         script.wait(timeout=60)
         if occupant is not None:
             occupant.cleanup()
+    output = log.read_text()
+    assert "quickstart: stopping the mirror and the broker" in output
+    assert "make: ***" not in output and "Traceback" not in output, output
+
+
+def test_ctrl_c_during_the_simulation_stops_every_child_and_exits_0(
+    database, schema_name, tmp_path
+):
+    log = tmp_path / "quickstart.log"
+    command = ["bash", "scripts/quickstart.sh"]
+    script = start_quickstart(command, database, schema_name, log, devices=2, rate=50, duration=120)
+    try:
+        wait_for_log(log, "publishing simulated", timeout=180)
+        children = psutil.Process(script.pid).children(recursive=True)
+        assert len(children) >= 3  # the broker, the mirror, simulate
+    finally:
+        os.killpg(script.pid, signal.SIGINT)
+        status = script.wait(timeout=60)
+    assert status == 0, log.read_text()
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert "Traceback" not in log.read_text()
+
+
+def start_quickstart(
+    command: list[str], database: TestDatabase, schema: str, log: Path, **simulation: int
+) -> subprocess.Popen[bytes]:
+    """The quick start in a session of its own (Ctrl-C goes to the group), without a token,
+    its simulation set through the variables the README lists (devices=, rate=, duration=)."""
+    env = {**os.environ, "MIRROR_DATABASE_URL": database.url, "MIRROR_SCHEMA": schema}
+    env.update({name.upper(): str(value) for name, value in simulation.items()})
+    env.pop("FLESPI_TOKEN", None)
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
 
 
 def _port_free(port: int) -> bool:

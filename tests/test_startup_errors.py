@@ -123,3 +123,60 @@ def test_user_info_in_the_broker_url_is_refused_without_showing_it():
     assert result.returncode == 2 and time.monotonic() - start_time < 30
     line = one_line(result)
     assert "user info in the broker URL is not used" in line and "hunter2" not in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://mirror:hunter2@127.0.0.1:5432/fleet?sslmode=bogus",
+        "postgresql://mirror:hunter2@db.example:notaport/fleet",
+        "mysql://mirror:hunter2@db.example/fleet",
+        "postgresql://mirror:x@db.example/fleet?password=hunter2&sslmod=require",
+    ],
+)
+def test_an_unusable_database_url_is_a_configuration_error_before_the_banner(url):
+    """`run` checks the URL before it logs what it starts: the one line is the error, with the
+    prefix every configuration error has."""
+    result = start("run", "--mqtt-url", "mqtt://127.0.0.1:1", "--database-url", url)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert result.stderr.strip().splitlines() == [line], "more than the error was logged"
+    assert "configuration error: --database-url / MIRROR_DATABASE_URL: " in line
+    assert "hunter2" not in line
+
+
+def test_a_bad_sslmode_names_the_modes_that_work(database):
+    url = make_url(database.url).update_query_dict({"sslmode": "verify_full"})
+    result = start("migrate", "--database-url", url.render_as_string(hide_password=False))
+    assert result.returncode == 2
+    line = one_line(result)
+    prefix = "configuration error: --database-url / MIRROR_DATABASE_URL: "
+    assert f"{prefix}sslmode='verify_full'" in line
+    assert "disable, allow, prefer, require, verify-ca, verify-full" in line
+
+
+def test_a_url_asyncpg_refuses_is_a_configuration_error_too():
+    """A URL parameter asyncpg refuses at connect time (not checked before) keeps the prefix."""
+    from mirror.failures import describe
+
+    class ClientConfigurationError(Exception):  # asyncpg's, by name
+        pass
+
+    fatal = describe(ClientConfigurationError("`target_session_attrs` is invalid"))
+    assert fatal is not None and fatal.exit_code == 2
+    assert fatal.message.startswith("configuration error: --database-url / MIRROR_DATABASE_URL: ")
+
+
+def test_a_refused_broker_connection_names_the_url_and_what_to_check(
+    database, schema_name, tmp_path
+):
+    log = tmp_path / "daemon.log"
+    nobody = f"mqtt://127.0.0.1:{free_port()}"
+    proc = daemon_process(nobody, database.url, schema_name, log_path=log)
+    try:
+        wait_for_log(log, "and that the broker is running", timeout=60)
+    finally:
+        assert stop_process(proc, signal.SIGTERM) == 0
+    line = next(x for x in log.read_text().splitlines() if "the broker is running" in x)
+    assert f"cannot connect to the broker at {nobody} (" in line
+    assert "check the host and port in --mqtt-url / MIRROR_MQTT_URL" in line
