@@ -1,13 +1,13 @@
 """Backfill rate: history fetched over REST-over-MQTT and written through the live path.
 
-``python -m bench --scenario backfill``. A simulated flespi (``mirror.rest_responder`` in its own
-process, ``python -m bench.backfill --serve``) holds ``--messages`` device messages across 100
-devices; the benchmark process then measures, in the same run:
+``python -m bench --scenario backfill``. A simulated flespi (``mirror.sim.rest_responder`` in
+its own process, ``python -m bench.backfill --serve``) holds ``--messages`` device messages
+across 100 devices; the benchmark process then measures, in the same run:
 
 - fetch only: every device's messages paged over REST (1,000 a page, 4 devices at once) and
   thrown away: the transport's limit;
-- backfill: the same through ``mirror.backfill`` into an empty schema (existence check, decode,
-  coalesce, insert, progress saved per page), rows verified;
+- backfill: the same through ``mirror.repair.backfill`` into an empty schema (existence check,
+  decode, coalesce, insert, progress saved per page), rows verified;
 - backfill again: a new job over the same window, everything already stored.
 """
 
@@ -44,7 +44,7 @@ def _message(device: int, n: int) -> tuple[float, bytes]:
 
 
 def serve(url: str, messages: int) -> None:
-    from mirror.rest_responder import AccountRecord, RestResponder
+    from mirror.sim.rest_responder import AccountRecord, RestResponder
 
     record = AccountRecord()
     for d in range(DEVICES):
@@ -62,10 +62,10 @@ def serve(url: str, messages: int) -> None:
 
 
 async def _measure(broker_url: str, database_url: str, messages: int) -> dict[str, Any]:
-    from mirror.backfill import Backfill, BackfillJob
-    from mirror.config import Settings
-    from mirror.database import create_engine, migrate
-    from mirror.rest_carrier import standalone_rest_client
+    from mirror.ops.config import Settings
+    from mirror.repair.backfill import Backfill, BackfillJob
+    from mirror.repair.rest_carrier import standalone_rest_client
+    from mirror.store.database import create_engine, migrate
 
     schema = "bench_backfill"
     engine = create_engine(database_url, schema, pool_size=4)

@@ -23,11 +23,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.services import services
-from mirror.batch import DeadLetter, WritePlan
-from mirror.database import create_engine, migrate
-from mirror.records import DeviceMessage, TelemetryUpdate
-from mirror.statements import STATEMENTS, dead_letter_params
-from mirror.store import (
+from mirror.decode.records import DeviceMessage, TelemetryUpdate
+from mirror.store.batch import DeadLetter, WritePlan
+from mirror.store.database import create_engine, migrate
+from mirror.store.statements import STATEMENTS, dead_letter_params
+from mirror.store.writer import (
     DATABASE_ERRORS,
     DatabaseUnavailable,
     Store,

@@ -40,9 +40,9 @@ BATCH = 5_000
 def _plans(mix: Mix, count: int) -> Iterator[Any]:
     """The daemon's write plans for messages 0..count-1 of ``mix``, BATCH messages each, with
     the properties the publisher sends (timestamp ``start + i µs``, cid)."""
-    from mirror.batch import coalesce
-    from mirror.records import Inbound
-    from mirror.topics import decode
+    from mirror.decode.records import Inbound
+    from mirror.decode.topics import decode
+    from mirror.store.batch import coalesce
 
     rnd = random.Random(1)
     start = time.time()
@@ -58,10 +58,10 @@ def _plans(mix: Mix, count: int) -> Iterator[Any]:
 
 async def _bare(url: str, schema: str, mix: Mix, count: int) -> dict[str, Any]:
     """Execute the plans' statements bare; returns seconds spent in PostgreSQL and rows."""
-    from mirror import partitions
-    from mirror.database import create_engine, migrate
-    from mirror.history import READ_HORIZON, TIER_OF_TABLE
-    from mirror.statements import STATEMENTS, plan_operations
+    from mirror.store import partitions
+    from mirror.store.database import create_engine, migrate
+    from mirror.store.history import READ_HORIZON, TIER_OF_TABLE
+    from mirror.store.statements import STATEMENTS, plan_operations
 
     engine = create_engine(url, schema)
     await migrate(engine, schema)

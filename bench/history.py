@@ -114,7 +114,7 @@ def _generate(devices: int, start: float, rounds: int, queue: Any, step: float =
     decoder reads from each payload), then None."""
     import json
 
-    from mirror.payloads import track
+    from mirror.decode.payloads import track
 
     batch: list[tuple[Any, ...]] = []
     for m in Fleet(devices, step=step).messages(start, rounds):
@@ -147,8 +147,8 @@ def _batches(
 
 
 def _plan(batch: list[tuple[Any, ...]], received: float) -> Any:
-    from mirror.batch import WritePlan
-    from mirror.records import DeviceMessage
+    from mirror.decode.records import DeviceMessage
+    from mirror.store.batch import WritePlan
 
     plan = WritePlan()
     for device_id, ts, server_ts, ident, payload, digest, *typed in batch:
@@ -159,8 +159,8 @@ def _plan(batch: list[tuple[Any, ...]], received: float) -> Any:
 
 
 async def _prepare(engine: Any, first_day: dt.date, last_day: dt.date) -> None:
-    from mirror import partitions
-    from mirror.schema import metadata
+    from mirror.store import partitions
+    from mirror.store.schema import metadata
 
     day = first_day
     while day <= last_day:
@@ -175,10 +175,10 @@ async def build(
 ) -> dict[str, Any]:
     """Fill ``schema`` as the daemon would have over ``days`` days of ``devices`` reporting every
     ``step`` seconds; returns the build's figures (write and compaction time, messages)."""
-    from mirror import compaction
-    from mirror.config import Settings
-    from mirror.database import create_engine, migrate
-    from mirror.store import Store
+    from mirror.ops.config import Settings
+    from mirror.store import compaction
+    from mirror.store.database import create_engine, migrate
+    from mirror.store.writer import Store
 
     engine = create_engine(url, schema, pool_size=4)
     await migrate(engine, schema)
@@ -328,8 +328,8 @@ async def measure(url: str) -> dict[str, Any]:
 
 async def _prefill(url: str, hours: int, devices: int) -> int:
     """``hours`` hours of the fleet's messages ending two hours ago: all due to be packed."""
-    from mirror.database import create_engine, migrate
-    from mirror.store import Store
+    from mirror.store.database import create_engine, migrate
+    from mirror.store.writer import Store
 
     engine = create_engine(url, SCHEMA)
     await migrate(engine, SCHEMA)
@@ -368,7 +368,7 @@ def _drain(opts: Options, compact_after: str, prefill_hours: int, devices: int) 
 def ingest_with_compaction(opts: Options, devices: int = 1000, rounds: int = 3) -> dict[str, Any]:
     """Drains alternate without and with compaction, ``rounds`` times each; the best of each
     counts (the machine's noise only ever slows a run down)."""
-    from mirror.config import Settings
+    from mirror.ops.config import Settings
 
     on = str(Settings.compact_after)
     runs: dict[str, list[dict[str, Any]]] = {"0": [], on: []}

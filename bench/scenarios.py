@@ -313,12 +313,12 @@ def latency(opts: Options) -> dict[str, Any]:
 
 
 async def _latency(s: Services, opts: Options) -> dict[str, Any]:
-    from mirror import metrics
-    from mirror.config import Secret, Settings
-    from mirror.database import create_engine
+    from mirror.ops import metrics
+    from mirror.ops.config import Secret, Settings
     from mirror.pipeline import Mirror
-    from mirror.source import Batch
-    from mirror.store import WriteResult
+    from mirror.session.source import Batch
+    from mirror.store.database import create_engine
+    from mirror.store.writer import WriteResult
 
     latencies: list[float] = []
 
@@ -621,7 +621,7 @@ def scale_out(opts: Options) -> dict[str, Any]:
 
 def _state_batches(topics: Sequence[str], updates: int, batch: int, ts: float) -> list[list[Any]]:
     """``updates`` retained publications cycling over ``topics``, cut into batches."""
-    from mirror.records import Inbound
+    from mirror.decode.records import Inbound
 
     messages = [
         Inbound(
@@ -643,10 +643,10 @@ async def _timed_writes(
     (within a minute), so the planner sees the stored rows it will search."""
     from sqlalchemy import text
 
-    from mirror.batch import coalesce
-    from mirror.database import create_engine, migrate
-    from mirror.store import Store
-    from mirror.topics import decode
+    from mirror.decode.topics import decode
+    from mirror.store.batch import coalesce
+    from mirror.store.database import create_engine, migrate
+    from mirror.store.writer import Store
 
     engine = create_engine(url, schema)
     try:
@@ -675,7 +675,7 @@ def _size_case(url: str, name: str, topics: Sequence[str], updates: int, batch: 
 def _whole_case(url: str, name: str, objects: int, properties: int, batch: int) -> float:
     """Seconds to write ``objects`` x ``properties`` property rows and then one whole-object
     update of each object (which rebuilds its props from all its rows)."""
-    from mirror.records import Inbound
+    from mirror.decode.records import Inbound
 
     ts = 1_700_000_000.0
     messages = [
@@ -739,7 +739,7 @@ def _interval_batches(
     """``updates`` events cycling over ``intervals`` ((device, n): the device's n-th interval,
     begin n * 10,000): the first round creates them, later rounds move their end (never as
     far as the next interval's begin)."""
-    from mirror.records import Inbound
+    from mirror.decode.records import Inbound
 
     messages = []
     for i in range(updates):

@@ -109,7 +109,7 @@ async def _upserts(conn: Any, s: str, devices: int, batches: int = 20) -> float:
 async def _measure(url: str, devices: int) -> dict[str, Any]:
     import asyncpg
 
-    from mirror.database import create_engine, migrate
+    from mirror.store.database import create_engine, migrate
 
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     engine = create_engine(url, schema)
@@ -159,7 +159,7 @@ def _baseline_view() -> str:
     """Revision 0001's device_positions, under another name, for the same-run baseline."""
     import importlib.util
 
-    from mirror.database import migrations_dir
+    from mirror.store.database import migrations_dir
 
     path = migrations_dir() / "versions" / "0001_initial_schema.py"
     spec = importlib.util.spec_from_file_location("bench_revision_0001", path)

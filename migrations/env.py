@@ -15,8 +15,8 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from mirror.config import DEFAULT_SCHEMA, SCHEMA_NAME
-from mirror.schema import include_in_autogenerate, metadata
+from mirror.ops.config import DEFAULT_SCHEMA, SCHEMA_NAME
+from mirror.store.schema import include_in_autogenerate, metadata
 
 config = context.config
 schema: str = (
@@ -45,7 +45,7 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_async(url: str) -> None:
-    from mirror.database import create_engine
+    from mirror.store.database import create_engine
 
     engine = create_engine(url, None)
     try:

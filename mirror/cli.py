@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror import __version__
-from mirror.config import ConfigError, Settings, psql_url, redact_url
-from mirror.failures import describe
-from mirror.options import (
+from mirror.ops.config import ConfigError, Settings, psql_url, redact_url
+from mirror.ops.failures import describe
+from mirror.ops.options import (
     RESYNC,
     OneLineParser,
     add_options,
@@ -90,8 +90,8 @@ def with_database(settings: Settings) -> tuple[Settings, Any]:
         return settings, None
     from dataclasses import replace
 
-    from mirror.config import Secret
-    from mirror.embedded import EmbeddedPostgres
+    from mirror.ops.config import Secret
+    from mirror.store.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(Path(settings.data_dir) if settings.data_dir else None)
     url = embedded.ensure_database()
@@ -126,8 +126,8 @@ async def _supervise(settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from mirror.database import create_engine, migrate
-    from mirror.metrics import MetricsServer
+    from mirror.ops.metrics import MetricsServer
+    from mirror.store.database import create_engine, migrate
     from mirror.workers import Supervisor, multiprocess_dir, remove_multiprocess_dir
 
     if settings.migrate:
@@ -162,9 +162,9 @@ async def _supervise(settings: Settings) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    from mirror.database import create_engine
-    from mirror.metrics import Health, MetricsServer
+    from mirror.ops.metrics import Health, MetricsServer
     from mirror.pipeline import Mirror
+    from mirror.store.database import create_engine
 
     health = Health()
     server = None
@@ -198,7 +198,7 @@ async def _run(settings: Settings) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
-    from mirror.database import create_engine, migrate
+    from mirror.store.database import create_engine, migrate
 
     engine = create_engine(_database_url(settings), settings.schema)
     try:
@@ -210,9 +210,9 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _resync(command: str, settings: Settings, values: Mapping[str, Any]) -> int:
-    from mirror.database import create_engine, migrate
-    from mirror.rest_carrier import standalone_rest_client
-    from mirror.resync import backfill_command, parse_time, reconcile_command
+    from mirror.repair.rest_carrier import standalone_rest_client
+    from mirror.repair.resync import backfill_command, parse_time, reconcile_command
+    from mirror.store.database import create_engine, migrate
 
     engine = create_engine(_database_url(settings), settings.schema, pool_size=4)
     try:
@@ -264,10 +264,10 @@ def _device_id(value: str) -> int:
 
 
 async def _replay(settings: Settings, values: Mapping[str, Any]) -> int:
-    from mirror.config import ReplayOptions
-    from mirror.database import create_engine
-    from mirror.dead_letters import replay_dead_letters
-    from mirror.store import DatabaseUnavailable
+    from mirror.ops.config import ReplayOptions
+    from mirror.store.database import create_engine
+    from mirror.store.dead_letters import replay_dead_letters
+    from mirror.store.writer import DatabaseUnavailable
 
     options = ReplayOptions(**settings_fields(values, ReplayOptions))
     engine = create_engine(_database_url(settings), settings.schema)
@@ -363,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _simulate(values: Mapping[str, Any]) -> int:
-    from mirror.config import BrokerAddress, redact_mqtt_url
-    from mirror.simulate import SimulationOptions, run_simulation
+    from mirror.ops.config import BrokerAddress, redact_mqtt_url
+    from mirror.sim.simulate import SimulationOptions, run_simulation
 
     options = SimulationOptions(**settings_fields(values, SimulationOptions))
     BrokerAddress.parse(options.mqtt_url)  # a clear error for a URL that cannot work
@@ -373,7 +373,7 @@ def _simulate(values: Mapping[str, Any]) -> int:
     try:
         try:
             if options.answer_rest:
-                from mirror.rest_responder import AccountRecord, RestResponder
+                from mirror.sim.rest_responder import AccountRecord, RestResponder
 
                 responder = RestResponder(
                     options.mqtt_url,

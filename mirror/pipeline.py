@@ -22,22 +22,24 @@ from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import compaction, metrics, partitions, resync, summaries
-from mirror.backfill import iso_time
-from mirror.batch import WritePlan, coalesce
-from mirror.config import Settings
-from mirror.database import migrate
-from mirror.failures import database_unreachable
-from mirror.records import Inbound, Reason, Record, Rejection
-from mirror.rest_carrier import session_rest_client
+from mirror.decode.records import Inbound, Reason, Record, Rejection
+from mirror.decode.topics import decode, lag_reference
+from mirror.ops import metrics
+from mirror.ops.config import Settings
+from mirror.ops.failures import database_unreachable
+from mirror.repair import resync
+from mirror.repair.backfill import iso_time
+from mirror.repair.rest_carrier import session_rest_client
+from mirror.session.source import Batch, MqttSource, Received
 from mirror.snapshot import (
     SnapshotCoordinator,
     ask_for_missing_retained_state,
     record_retained_state,
 )
-from mirror.source import Batch, MqttSource, Received
-from mirror.store import DatabaseUnavailable, Store, WriteResult
-from mirror.topics import decode, lag_reference
+from mirror.store import compaction, partitions, summaries
+from mirror.store.batch import WritePlan, coalesce
+from mirror.store.database import migrate
+from mirror.store.writer import DatabaseUnavailable, Store, WriteResult
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.config import Settings
-from mirror.source import MqttSource
+from mirror.ops.config import Settings
+from mirror.session.source import MqttSource
 
 log = logging.getLogger(__name__)
 

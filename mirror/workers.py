@@ -21,8 +21,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from mirror.config import Settings
-from mirror.options import worker_environment
+from mirror.ops.config import Settings
+from mirror.ops.options import worker_environment
 
 log = logging.getLogger(__name__)
 

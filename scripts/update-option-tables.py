@@ -1,4 +1,4 @@
-"""Rewrite the option tables of the docs from the declarations in mirror/options.py.
+"""Rewrite the option tables of the docs from the declarations in mirror/ops/options.py.
 
 Run after adding or changing an option: ``.venv/bin/python scripts/update-option-tables.py``.
 A table is the text between ``<!-- options:NAME -->`` and ``<!-- /options:NAME -->`` in README.md
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mirror.options import markdown_table  # noqa: E402
+from mirror.ops.options import markdown_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- options:([\w-]+) -->\n)(?:.*?\n)?(<!-- /options:\2 -->)", re.DOTALL)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mirror.rest_responder import AccountRecord, RestResponder
+from mirror.sim.rest_responder import AccountRecord, RestResponder
 from tests.launchers import MosquittoBroker, TestDatabase, fresh_database
 
 

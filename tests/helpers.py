@@ -22,11 +22,11 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.config import Secret, Settings
-from mirror.database import create_engine, migrate
-from mirror.metrics import Health
+from mirror.decode.records import Inbound
+from mirror.ops.config import Secret, Settings
+from mirror.ops.metrics import Health
 from mirror.pipeline import Mirror
-from mirror.records import Inbound
+from mirror.store.database import create_engine, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,7 +306,7 @@ def promtool(*args: str, input: str | None = None) -> subprocess.CompletedProces
 
 def registry_series_names() -> set[str]:
     """Every series name a scrape can show, labelled metrics without a sample yet included."""
-    from mirror import metrics
+    from mirror.ops import metrics
 
     suffixes = {
         "counter": ("_total", "_created"),

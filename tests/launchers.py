@@ -158,7 +158,7 @@ def _run_admin(url: str, sql: str) -> None:
     import asyncpg
 
     async def go() -> None:
-        from mirror.config import asyncpg_connect_kwargs
+        from mirror.ops.config import asyncpg_connect_kwargs
 
         conn = await asyncpg.connect(**asyncpg_connect_kwargs(url))
         try:
@@ -212,7 +212,7 @@ def fresh_database(prefix: str = "flespi_mirror_test") -> Iterator[TestDatabase]
     admin = local_postgres_url()
     embedded = None
     if admin is None:
-        from mirror.embedded import EmbeddedPostgres
+        from mirror.store.embedded import EmbeddedPostgres
 
         refused = embedded_postgres_refused()
         if refused:

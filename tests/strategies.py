@@ -1,4 +1,4 @@
-"""Hypothesis strategies built from the family declarations (see ``mirror/families.py``)."""
+"""Hypothesis strategies built from the family declarations (see ``mirror/decode/families.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from mirror.builders import MAX_ID
-from mirror.topics import Route, Segment
+from mirror.decode.builders import MAX_ID
+from mirror.decode.topics import Route, Segment
 
 NOW = 1_732_000_000.0
 

@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics
-from mirror.database import create_engine, migrate
+from mirror.ops import metrics
 from mirror.pipeline import Mirror
-from mirror.rest_responder import AccountRecord, RestResponder
-from mirror.resync import PENDING, record_gap
-from mirror.simulate import SimulationOptions, drop_session, run_simulation
-from mirror.traffic import FIRST_DEVICE_ID
+from mirror.repair.resync import PENDING, record_gap
+from mirror.sim.rest_responder import AccountRecord, RestResponder
+from mirror.sim.simulate import SimulationOptions, drop_session, run_simulation
+from mirror.sim.traffic import FIRST_DEVICE_ID
+from mirror.store.database import create_engine, migrate
 from tests.helpers import ROOT, publisher, query, running_mirror, settings_for, settle
 from tests.launchers import MosquittoBroker, TestDatabase, free_port
 
@@ -350,12 +350,12 @@ async def test_a_backfill_matches_intervals_without_ids_by_their_span(
     """flespi lists what it holds; stored intervals without an id are matched to the listed
     ones by time span: one moved its begin (updated in place), one is gone (deleted), one
     outside the window is left alone."""
-    from mirror.backfill import Backfill, BackfillJob
-    from mirror.batch import coalesce
-    from mirror.config import Settings
-    from mirror.rest_carrier import standalone_rest_client
-    from mirror.store import Store
-    from mirror.topics import decode
+    from mirror.decode.topics import decode
+    from mirror.ops.config import Settings
+    from mirror.repair.backfill import Backfill, BackfillJob
+    from mirror.repair.rest_carrier import standalone_rest_client
+    from mirror.store.batch import coalesce
+    from mirror.store.writer import Store
     from tests.helpers import interval_event as event
     from tests.helpers import interval_span as span
 

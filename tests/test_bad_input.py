@@ -16,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror.config import asyncpg_connect_kwargs
-from mirror.records import (
+from mirror.decode.records import (
     Inbound,
     Rejection,
 )
-from mirror.topics import (
+from mirror.decode.topics import (
     decode,
 )
+from mirror.ops.config import asyncpg_connect_kwargs
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
 from tests.launchers import publish_many, record_figures
 

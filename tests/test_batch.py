@@ -5,16 +5,16 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror.batch import coalesce, ts_micros
-from mirror.records import (
+from mirror.decode.records import (
     Inbound,
     Reason,
     Rejection,
     TelemetryUpdate,
 )
-from mirror.topics import (
+from mirror.decode.topics import (
     decode,
 )
+from mirror.store.batch import coalesce, ts_micros
 
 NOW = 1_732_000_000.0
 

@@ -24,9 +24,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.database import create_engine
-from mirror.simulate import SimulationOptions, run_simulation
-from mirror.traffic import FIRST_DEVICE_ID
+from mirror.sim.simulate import SimulationOptions, run_simulation
+from mirror.sim.traffic import FIRST_DEVICE_ID
+from mirror.store.database import create_engine
 from tests.helpers import (
     promtool,
     publisher,

@@ -11,11 +11,11 @@ import sys
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.batch import DeadLetter
-from mirror.database import create_engine, migrate
-from mirror.dead_letters import replay_dead_letters
-from mirror.records import Inbound, Reason, Rejection
-from mirror.statements import STATEMENTS, dead_letter_params
+from mirror.decode.records import Inbound, Reason, Rejection
+from mirror.store.batch import DeadLetter
+from mirror.store.database import create_engine, migrate
+from mirror.store.dead_letters import replay_dead_letters
+from mirror.store.statements import STATEMENTS, dead_letter_params
 from tests.helpers import ROOT, query
 from tests.launchers import TestDatabase
 

@@ -12,8 +12,8 @@ import asyncpg
 import psutil
 import pytest
 
-from mirror.config import asyncpg_connect_kwargs
-from mirror.simulate import SimulationOptions, run_simulation
+from mirror.ops.config import asyncpg_connect_kwargs
+from mirror.sim.simulate import SimulationOptions, run_simulation
 from tests.helpers import ROOT, Publisher, daemon_process, stop_process, wait_for_log
 from tests.launchers import embedded_postgres_refused
 

@@ -20,13 +20,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from mirror import metrics
-from mirror.batch import WritePlan
-from mirror.config import asyncpg_connect_kwargs
-from mirror.database import create_engine, migrate
+from mirror.decode.records import DeviceMessage, TelemetryUpdate
+from mirror.ops import metrics
+from mirror.ops.config import asyncpg_connect_kwargs
 from mirror.pipeline import Mirror
-from mirror.records import DeviceMessage, TelemetryUpdate
-from mirror.store import DatabaseUnavailable, Failure, Store, classify, is_retryable
+from mirror.store.batch import WritePlan
+from mirror.store.database import create_engine, migrate
+from mirror.store.writer import DatabaseUnavailable, Failure, Store, classify, is_retryable
 from tests.helpers import publisher, query, running_mirror, settings_for
 from tests.launchers import MosquittoBroker, TestDatabase, record_figures
 

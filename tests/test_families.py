@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.families import FAMILIES, FAMILY_OF_RECORD, CustomWrites
-from mirror.records import Inbound, Rejection
-from mirror.statements import CUSTOM, STATEMENTS, plan_operations
-from mirror.topics import ROUTES, Route, decode
+from mirror.decode.families import FAMILIES, FAMILY_OF_RECORD, CustomWrites
+from mirror.decode.records import Inbound, Rejection
+from mirror.decode.topics import ROUTES, Route, decode
+from mirror.store.statements import CUSTOM, STATEMENTS, plan_operations
 from tests.strategies import (
     NOW,
     any_payload,
@@ -76,7 +76,7 @@ def test_each_family_has_a_record_a_table_and_its_statements() -> None:
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_every_decoded_record_turns_into_known_statements(data: st.DataObject) -> None:
-    from mirror.batch import coalesce
+    from mirror.store.batch import coalesce
 
     decoded = []
     for _ in range(data.draw(st.integers(1, 8))):

@@ -21,8 +21,8 @@ import asyncpg
 import psutil
 import pytest
 
-from mirror.config import asyncpg_connect_kwargs
-from mirror.database import create_engine
+from mirror.ops.config import asyncpg_connect_kwargs
+from mirror.store.database import create_engine
 from tests.helpers import (
     KilledDaemon,
     daemon_process,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mirror.records import Inbound, PlatformLog, Rejection
-from mirror.topics import decode
+from mirror.decode.records import Inbound, PlatformLog, Rejection
+from mirror.decode.topics import decode
 from tests.helpers import Publisher, publisher, query, running_mirror, settings_for, settle
 
 TS = 1_731_990_000.0
@@ -231,7 +231,7 @@ async def test_platform_logs_and_other_messages_are_stored_once_not_dead_lettere
 
 
 def test_the_logs_switch_subscribes_to_platform_logs_but_never_snapshots_them():
-    from mirror.config import Settings
+    from mirror.ops.config import Settings
 
     settings = Settings(logs=True)
     assert "flespi/log/#" in settings.subscriptions
@@ -252,10 +252,10 @@ def test_device_time_from_1970_to_a_day_ahead_is_accepted():
 async def test_back_dated_history_gets_its_own_day_partitions_and_retention(database, schema_name):
     import datetime as dt
 
-    from mirror.batch import coalesce
-    from mirror.database import create_engine, migrate
-    from mirror.partitions import maintain
-    from mirror.store import Store
+    from mirror.store.batch import coalesce
+    from mirror.store.database import create_engine, migrate
+    from mirror.store.partitions import maintain
+    from mirror.store.writer import Store
 
     engine = create_engine(database.url, schema_name)
     try:
@@ -287,7 +287,7 @@ async def test_back_dated_history_gets_its_own_day_partitions_and_retention(data
 
 
 def test_lag_counts_neither_snapshots_nor_device_time():
-    from mirror.topics import lag_reference
+    from mirror.decode.topics import lag_reference
 
     live = Inbound("flespi/state/gw/devices/5/telemetry/x", b"1", {"timestamp": "100.5"}, TS)
     retained = Inbound(live.topic, b"1", {"timestamp": "100.5"}, TS, retain=True)
@@ -303,7 +303,7 @@ def test_lag_counts_neither_snapshots_nor_device_time():
 
 
 async def test_expired_telemetry_leaves_the_views_and_the_table(broker, settings):
-    from mirror.partitions import expire_telemetry
+    from mirror.store.partitions import expire_telemetry
 
     async with running_mirror(settings) as running:
         with publisher(broker.url) as pub:
@@ -337,7 +337,7 @@ async def test_expired_telemetry_leaves_the_views_and_the_table(broker, settings
 
 
 def test_cid_subscribes_each_filter_once_per_account_under_flespis_prefix():
-    from mirror.config import ConfigError, Settings
+    from mirror.ops.config import ConfigError, Settings
 
     settings = Settings(cids=("7", "42"), logs=True, share_group="g")
     assert settings.subscriptions == tuple(

@@ -16,13 +16,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import compaction, metrics, partitions
-from mirror.batch import coalesce
-from mirror.database import create_engine, migrate
-from mirror.history import CHANNEL_MESSAGES, DEVICE_MESSAGES, hour_start
-from mirror.records import Inbound
-from mirror.store import Store
-from mirror.topics import decode
+from mirror.decode.records import Inbound
+from mirror.decode.topics import decode
+from mirror.ops import metrics
+from mirror.store import compaction, partitions
+from mirror.store.batch import coalesce
+from mirror.store.database import create_engine, migrate
+from mirror.store.history import CHANNEL_MESSAGES, DEVICE_MESSAGES, hour_start
+from mirror.store.writer import Store
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for
 
 NOW = hour_start(time.time()) + 1800.0  # half past this hour

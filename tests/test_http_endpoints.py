@@ -1,8 +1,8 @@
 """/metrics, /healthz and /readyz of a running daemon, over real HTTP.
 
 The daemon runs in this process against a real Mosquitto and PostgreSQL; the listener is
-``mirror.metrics.MetricsServer`` (what ``flespi-mirror run`` starts) serving the same registry and
-the running mirror's health. The scrape must pass ``promtool check metrics`` with no complaint.
+``mirror.ops.metrics.MetricsServer`` (what ``flespi-mirror run`` starts) serving the same registry
+and the running mirror's health. The scrape must pass ``promtool check metrics`` with no complaint.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import __version__
-from mirror.database import create_engine
-from mirror.metrics import Health, MetricsServer
+from mirror.ops.metrics import Health, MetricsServer
 from mirror.pipeline import Mirror
+from mirror.store.database import create_engine
 from tests.helpers import promtool, publisher, running_mirror, settings_for, settle
 from tests.launchers import MosquittoBroker, TestDatabase
 

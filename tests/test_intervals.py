@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror.batch import coalesce
-from mirror.database import create_engine
-from mirror.records import Inbound, Reason, Rejection
-from mirror.store import Store
-from mirror.topics import decode
+from mirror.decode.records import Inbound, Reason, Rejection
+from mirror.decode.topics import decode
+from mirror.store.batch import coalesce
+from mirror.store.database import create_engine
+from mirror.store.writer import Store
 from tests.helpers import Publisher, migrated_schema, query, running_mirror, settings_for, settle
 from tests.helpers import interval_event as event
 from tests.helpers import interval_span as span

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from mirror import metrics
-from mirror.families import FAMILIES
-from mirror.records import (
+from mirror.decode.families import FAMILIES
+from mirror.decode.records import (
     Family,
     Reason,
 )
+from mirror.ops import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "docs" / "metrics.md"
@@ -244,7 +244,7 @@ def test_rows_written_labels_are_the_store_statements() -> None:
     """The statements are keyed "<table>.<operation>"; the metric reports those (merge is
     folded into objects and not counted; dead letters have their own counter), plus the
     stale and duplicate outcomes of upsert and append."""
-    from mirror.statements import STATEMENTS
+    from mirror.store.statements import STATEMENTS
 
     pairs = [key.split(".") for key in STATEMENTS]
     counted = [(t, op) for t, op in pairs if t != "dead_letters" and not op.startswith("merge")]
@@ -256,7 +256,7 @@ def test_rows_written_labels_are_the_store_statements() -> None:
 def test_observe_many_counts_as_observe_does_one_by_one() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from mirror.metrics import observe_many
+    from mirror.ops.metrics import observe_many
 
     amounts = [0.0, 0.004, 0.005, 0.0051, 1.0, 2.5, 60.0, 1e9, 7.25]
     one, many = CollectorRegistry(), CollectorRegistry()

@@ -7,8 +7,8 @@ import warnings
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from mirror.database import create_engine, downgrade, migrate
-from mirror.schema import include_in_autogenerate, metadata
+from mirror.store.database import create_engine, downgrade, migrate
+from mirror.store.schema import include_in_autogenerate, metadata
 from tests.helpers import query
 
 TABLES = {

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror.batch import coalesce
-from mirror.database import create_engine
-from mirror.records import Inbound
-from mirror.store import Store
-from mirror.topics import decode
+from mirror.decode.records import Inbound
+from mirror.decode.topics import decode
+from mirror.store.batch import coalesce
+from mirror.store.database import create_engine
+from mirror.store.writer import Store
 from tests.helpers import migrated_schema, query
 
 SCHEMA = "t_object_props"

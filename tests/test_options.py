@@ -1,4 +1,4 @@
-"""Options are declared once (mirror/options.py); flags, --help, docs and workers derive."""
+"""Options are declared once (mirror/ops/options.py); flags, --help, docs and workers derive."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mirror.cli import build_parser, settings_from
-from mirror.config import ConfigError, Secret, Settings
-from mirror.options import (
+from mirror.ops.config import ConfigError, Secret, Settings
+from mirror.ops.options import (
     OPTIONS,
     SHARED_TABLE,
     SHARING_COMMANDS,
@@ -61,7 +61,7 @@ def documented_flags(name: str) -> list[str]:
 @pytest.mark.parametrize("table", [SHARED_TABLE, *SHARING_COMMANDS, "simulate"])
 def test_documented_option_table_is_the_declarations(table):
     assert documented_table(table) == markdown_table(table), (
-        "docs/configuration.md's option table differs from mirror/options.py: run "
+        "docs/configuration.md's option table differs from mirror/ops/options.py: run "
         ".venv/bin/python scripts/update-option-tables.py"
     )
 

@@ -7,17 +7,17 @@ import uuid
 
 import pytest
 
-from mirror.batch import coalesce
-from mirror.database import create_engine, migrate
-from mirror.partitions import maintain, prune_tombstones
-from mirror.records import (
+from mirror.decode.records import (
     Inbound,
 )
-from mirror.schema import HISTORY_TABLES
-from mirror.store import Store
-from mirror.topics import (
+from mirror.decode.topics import (
     decode,
 )
+from mirror.store.batch import coalesce
+from mirror.store.database import create_engine, migrate
+from mirror.store.partitions import maintain, prune_tombstones
+from mirror.store.schema import HISTORY_TABLES
+from mirror.store.writer import Store
 from tests.helpers import query
 
 DAY = dt.timedelta(days=1)

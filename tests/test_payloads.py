@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.payloads import Invalid, _strict_loads, parse_json
+from mirror.decode.payloads import Invalid, _strict_loads, parse_json
 from tests.strategies import JSON_VALUES, any_payload
 
 

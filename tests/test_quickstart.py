@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from mirror.database import create_engine
-from mirror.simulate import SimulationOptions, run_simulation
+from mirror.sim.simulate import SimulationOptions, run_simulation
+from mirror.store.database import create_engine
 from tests.helpers import (
     ROOT,
     eventually,

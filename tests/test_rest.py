@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mirror import metrics
-from mirror.config import Settings
-from mirror.rest import RestClient, RestError, RestOptions, RestTimeout, assemble
-from mirror.rest_carrier import standalone_rest_client
-from mirror.rest_responder import AccountRecord, RestResponder
-from mirror.traffic import GHOST_DEVICE_ID
+from mirror.ops import metrics
+from mirror.ops.config import Settings
+from mirror.repair.rest import RestClient, RestError, RestOptions, RestTimeout, assemble
+from mirror.repair.rest_carrier import standalone_rest_client
+from mirror.sim.rest_responder import AccountRecord, RestResponder
+from mirror.sim.traffic import GHOST_DEVICE_ID
 from tests.helpers import ROOT, wait_for_log
 from tests.launchers import MosquittoBroker
 from tests.test_simulate import Subscriber

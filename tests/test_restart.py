@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mirror.database import create_engine
+from mirror.store.database import create_engine
 from tests.helpers import (
     KilledDaemon,
     Publisher,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError, Secret, Settings
-from mirror.database import create_engine
+from mirror.ops.config import ConfigError, Secret, Settings
+from mirror.store.database import create_engine
 from tests.helpers import (
     ROOT,
     daemon_process,

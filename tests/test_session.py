@@ -34,9 +34,9 @@ from mqtt5 import (
     SubscribePacket,
 )
 
-from mirror.config import Settings
-from mirror.mqtt import Inbox, ProtocolViolation
-from mirror.source import MqttSource
+from mirror.ops.config import Settings
+from mirror.session.mqtt import Inbox, ProtocolViolation
+from mirror.session.source import MqttSource
 
 P = TypeVar("P")
 KIB = 1024
@@ -353,7 +353,7 @@ def test_a_packet_announced_larger_than_the_limit_is_refused_before_it_arrives()
 
 
 async def test_session_taken_over_is_logged_as_another_client(caplog):
-    caplog.set_level(logging.WARNING, "mirror.source")
+    caplog.set_level(logging.WARNING, "mirror.session.source")
     async with session(connections=2) as h:
         await subscribed(h)
         h.brokers[0].push(DisconnectPacket(reason_code=DisconnectReasonCode.SESSION_TAKEN_OVER))

@@ -17,8 +17,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mirror.simulate import SimulationOptions, SimulationReport, run_simulation
-from mirror.traffic import FAMILIES, TrafficGenerator
+from mirror.sim.simulate import SimulationOptions, SimulationReport, run_simulation
+from mirror.sim.traffic import FAMILIES, TrafficGenerator
 from tests.launchers import MosquittoBroker, free_port
 
 

@@ -16,7 +16,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
-from mirror.database import create_engine
+from mirror.store.database import create_engine
 from tests.helpers import ROOT, KilledDaemon, query
 
 pytestmark = pytest.mark.slow

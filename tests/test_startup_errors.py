@@ -157,7 +157,7 @@ def test_a_bad_sslmode_names_the_modes_that_work(database):
 
 def test_a_url_asyncpg_refuses_is_a_configuration_error_too():
     """A URL parameter asyncpg refuses at connect time (not checked before) keeps the prefix."""
-    from mirror.failures import describe
+    from mirror.ops.failures import describe
 
     class ClientConfigurationError(Exception):  # asyncpg's, by name
         pass

@@ -1,4 +1,4 @@
-"""Summaries kept on write (migration 0009, mirror/summaries.py) against a real PostgreSQL:
+"""Summaries kept on write (migration 0009, mirror/store/summaries.py) against a real PostgreSQL:
 exact under redelivery, backfill and out-of-order device time, whatever the batching, and equal
 to what the stored messages say after any mix of those.
 """
@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import compaction, partitions, summaries
-from mirror.database import create_engine, migrate
-from mirror.records import Inbound
-from mirror.store import Store
+from mirror.decode.records import Inbound
+from mirror.store import compaction, partitions, summaries
+from mirror.store.database import create_engine, migrate
+from mirror.store.writer import Store
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for
 from tests.test_history import NOW, write
 

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror.batch import coalesce
-from mirror.database import create_engine
-from mirror.records import Inbound
-from mirror.store import Store
-from mirror.topics import decode
+from mirror.decode.records import Inbound
+from mirror.decode.topics import decode
+from mirror.store.batch import coalesce
+from mirror.store.database import create_engine
+from mirror.store.writer import Store
 from tests.helpers import migrated_schema, query
 
 # 1700000000.0000011 and .0000009 are one microsecond in PostgreSQL: a tie at its precision.

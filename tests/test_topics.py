@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.records import (
+from mirror.decode.records import (
     CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,
@@ -24,7 +24,7 @@ from mirror.records import (
     SettingUpdate,
     TelemetryUpdate,
 )
-from mirror.topics import ROUTES, decode
+from mirror.decode.topics import ROUTES, decode
 from tests.strategies import topic_for
 
 ALL_ROUTES = [route for group in ROUTES.values() for route in group]

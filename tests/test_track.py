@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import compaction, partitions
-from mirror.database import create_engine, migrate
-from mirror.records import Inbound
-from mirror.store import Store
+from mirror.decode.records import Inbound
+from mirror.store import compaction, partitions
+from mirror.store.database import create_engine, migrate
+from mirror.store.writer import Store
 from tests.helpers import query
 from tests.launchers import TestDatabase, _run_admin
 from tests.test_history import NOW, START, message, write

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from mirror.config import asyncpg_connect_kwargs
+from mirror.ops.config import asyncpg_connect_kwargs
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for, settle
 from tests.launchers import (
     ConfiguredMosquittoBroker,

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.database import create_engine, migrate
+from mirror.store.database import create_engine, migrate
 from tests.helpers import query
 
 T0 = 1_731_990_000.0

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from mirror.database import create_engine
+from mirror.store.database import create_engine
 from tests.helpers import Publisher, daemon_process, http_get, query, stop_process, wait_for_log
 from tests.launchers import free_port
 

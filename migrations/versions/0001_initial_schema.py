@@ -468,7 +468,7 @@ def upgrade() -> None:
         comment="The mirror's own bookkeeping (completed retained-state snapshots).",
     )
     # History tables are partitioned by day; the daemon creates day partitions ahead, and the
-    # default partition takes whatever falls outside them (see mirror/partitions.py).
+    # default partition takes whatever falls outside them (see mirror/store/partitions.py).
     for table in ("device_messages", "channel_messages", "modem_messages"):
         op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
     for statement in FUNCTIONS + VIEWS:

@@ -6,7 +6,7 @@ which TOAST leaves uncompressed below 2 kB. The tables become the recent tier
 and grants), and new ``*_hours`` tables (partitioned by day of ``hour``) hold past hours, one
 row per device (channel and ident) and UTC hour: each per-message column an array, the payloads
 one JSON array compressed by lz4 as one value (pglz where the server lacks lz4). The daemon's
-compaction fills them (mirror/compaction.py); this revision moves no rows.
+compaction fills them (mirror/store/compaction.py); this revision moves no rows.
 
 The views ``device_messages`` and ``channel_messages`` union both tiers with the columns the
 tables had, and so does ``device_messages(since, until)`` for a time window, with the window
@@ -230,8 +230,8 @@ def _rename_tier(s: str, old: str, new: str) -> None:
 
 
 # Device messages carry their typed position as columns from now on (the writer reads it from
-# the payload; mirror/payloads.py). Rows already stored get it here when they are recent enough
-# to stay unpacked for a while; older ones get it from their payload when they are packed.
+# the payload; mirror/decode/payloads.py). Rows already stored get it here when they are recent
+# enough to stay unpacked for a while; older ones get it from their payload when they are packed.
 TRACK_COLUMNS = (
     ("latitude", "double precision", "json_number(payload -> 'position.latitude')"),
     ("longitude", "double precision", "json_number(payload -> 'position.longitude')"),

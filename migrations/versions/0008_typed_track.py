@@ -13,7 +13,7 @@ rows' points narrow down.
 With PostGIS in the database, the same objects carry a ``geom`` column (``geometry`` Point,
 SRID 4326), the recent rows get a GiST index on it, and ``device_track(since, until, area
 geometry)`` takes any geometry for the area. ``deploy`` below is the one definition of these
-objects; ``mirror.extensions`` calls it again when PostGIS is installed or removed later.
+objects; ``mirror.store.extensions`` calls it again when PostGIS is installed or removed later.
 
 Revision ID: 0008
 Revises: 0007
@@ -33,7 +33,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # (column, type): the typed position, columns of the recent rows (the writer reads them from
-# the payload as it stores a message; mirror/payloads.py) and arrays of the packed rows.
+# the payload as it stores a message; mirror/decode/payloads.py) and arrays of the packed rows.
 FIELDS = (
     ("latitude", "double precision"),
     ("longitude", "double precision"),

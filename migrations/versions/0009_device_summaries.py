@@ -2,7 +2,7 @@
 
 Fleet questions read raw history otherwise: the latest message of every device was a
 ``DISTINCT ON`` over every message (53 s at 10M), daily mileage a pass over a week of payloads.
-Three tables, kept by the statement that inserts device messages (mirror/summaries.py):
+Three tables, kept by the statement that inserts device messages (mirror/store/summaries.py):
 
 - ``device_latest_messages``: each device's newest message (by device time), whole.
 - ``device_hours``: messages per device and UTC hour, with first and last time.

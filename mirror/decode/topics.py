@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.builders import Builder, parse_id
-from mirror.families import FAMILIES
-from mirror.payloads import Invalid
-from mirror.records import Family, Inbound, Reason, Record, Rejection
+from mirror.decode.builders import Builder, parse_id
+from mirror.decode.families import FAMILIES
+from mirror.decode.payloads import Invalid
+from mirror.decode.records import Family, Inbound, Reason, Record, Rejection
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mirror import metrics, partitions
-from mirror.failures import sqlstate
-from mirror.history import (
+from mirror.ops import metrics
+from mirror.ops.failures import sqlstate
+from mirror.store import partitions
+from mirror.store.history import (
     HORIZON,
     LOCK_BUCKET,
     TIERS,
@@ -36,7 +37,7 @@ from mirror.history import (
     lock_bucket,
     oldest_recent_before,
 )
-from mirror.schema import metadata
+from mirror.store.schema import metadata
 
 log = logging.getLogger(__name__)
 

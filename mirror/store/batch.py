@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.families import FAMILIES, FAMILY_OF_RECORD, AppendWrites
-from mirror.records import Inbound, Record, Rejection
+from mirror.decode.families import FAMILIES, FAMILY_OF_RECORD, AppendWrites
+from mirror.decode.records import Inbound, Record, Rejection
 
 # Tables in declaration order: the order a plan is written in, so writers lock alike.
 _TABLE_ORDER = {spec.table: i for i, spec in enumerate(FAMILIES)}

@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mirror.traffic import Publication
+from mirror.sim.traffic import Publication
 
 log = logging.getLogger(__name__)
 

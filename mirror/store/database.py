@@ -12,24 +12,24 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from mirror import extensions
-from mirror.config import database_target
+from mirror.ops.config import database_target
+from mirror.store import extensions
 
 log = logging.getLogger(__name__)
 
 
 def migrations_dir() -> Path:
     """Installed wheels carry the migrations inside the package; a checkout has them at the top."""
-    packaged = Path(__file__).parent / "_migrations"
+    packaged = Path(__file__).parent.parent / "_migrations"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
 def create_engine(url: str, schema: str | None, *, pool_size: int = 2) -> AsyncEngine:
     """An engine whose every connection works in ``schema`` (via search_path; None: the role's).
 
-    asyncpg gets the URL itself as its DSN (see :func:`mirror.config.database_target`), so
+    asyncpg gets the URL itself as its DSN (see :func:`mirror.ops.config.database_target`), so
     libpq's TLS parameters (sslmode, sslrootcert, sslcert, sslkey) work as they do in psql.
     """
     import asyncpg

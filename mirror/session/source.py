@@ -74,9 +74,9 @@ from mqtt5 import (
     TopicFilter,
 )
 
-from mirror.config import Settings
-from mirror.failures import broker_hint
-from mirror.mqtt import (
+from mirror.ops.config import Settings
+from mirror.ops.failures import broker_hint
+from mirror.session.mqtt import (
     ConnectRefused,
     Inbox,
     Link,
@@ -87,7 +87,7 @@ from mirror.mqtt import (
     account_cid_from,
     reason_text,
 )
-from mirror.transport import Connection, open_connection
+from mirror.session.transport import Connection, open_connection
 
 __all__ = [
     "Batch",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mirror.schema import HISTORY_TABLES, metadata, partition_key
+from mirror.store.schema import HISTORY_TABLES, metadata, partition_key
 
 log = logging.getLogger(__name__)
 

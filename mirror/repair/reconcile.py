@@ -24,11 +24,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics
-from mirror.records import Inbound
-from mirror.replay import inbound, write_inbound
-from mirror.rest import RestClient, RestError
-from mirror.store import Store
+from mirror.decode.records import Inbound
+from mirror.ops import metrics
+from mirror.repair.replay import inbound, write_inbound
+from mirror.repair.rest import RestClient, RestError
+from mirror.store.writer import Store
 
 log = logging.getLogger(__name__)
 

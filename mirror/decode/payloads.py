@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from mirror.records import Reason
+from mirror.decode.records import Reason
 
 # Device time is device time: trackers replay old backlogs and GPS week rollovers report 1999,
 # so anything from 1970 is accepted; the upper bound is a day after receipt (``AHEAD``).

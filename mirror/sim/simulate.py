@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mirror.traffic import FAMILIES, Publication, TrafficGenerator
+from mirror.sim.traffic import FAMILIES, Publication, TrafficGenerator
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from mirror.config import ConfigError, ReplayOptions, Secret, Settings
-from mirror.resync_options import BackfillRequest, ReconcileRequest
+from mirror.ops.config import ConfigError, ReplayOptions, Secret, Settings
+from mirror.ops.resync_options import BackfillRequest, ReconcileRequest
 
 Kind = Literal["value", "switch", "switch_off", "list"]
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -34,7 +34,7 @@ def target(command: str) -> type[Any]:
     """The settings class a command's options fill (simulate's is imported only when used:
     the daemon's start, before it handles SIGTERM, should import as little as it can)."""
     if command == "simulate":
-        from mirror.simulate import SimulationOptions
+        from mirror.sim.simulate import SimulationOptions
 
         return SimulationOptions
     return {

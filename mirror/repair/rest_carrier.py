@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 
 import mqtt5
 
-from mirror.config import Settings
-from mirror.failures import BrokerUnreachable
-from mirror.rest import RequestProperties, ResponseMessage, RestClient, RestOptions
-from mirror.source import MqttSource
+from mirror.ops.config import Settings
+from mirror.ops.failures import BrokerUnreachable
+from mirror.repair.rest import RequestProperties, ResponseMessage, RestClient, RestOptions
+from mirror.session.source import MqttSource
 
 CONNECT_TIMEOUT = 30.0  # a standalone command gives up on a broker it cannot reach this soon
 

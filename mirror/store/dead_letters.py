@@ -23,10 +23,10 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror.batch import coalesce
-from mirror.records import Inbound
-from mirror.store import Store
-from mirror.topics import decode
+from mirror.decode.records import Inbound
+from mirror.decode.topics import decode
+from mirror.store.batch import coalesce
+from mirror.store.writer import Store
 
 log = logging.getLogger(__name__)
 

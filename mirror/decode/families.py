@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from mirror import builders
-from mirror.builders import Builder
-from mirror.records import (
+from mirror.decode import builders
+from mirror.decode.builders import Builder
+from mirror.decode.records import (
     CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,

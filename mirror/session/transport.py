@@ -21,7 +21,7 @@ from typing import Protocol
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from mirror.config import BrokerAddress
+from mirror.ops.config import BrokerAddress
 
 READ_CHUNK = 256 * 1024
 CONNECT_TIMEOUT = 30.0

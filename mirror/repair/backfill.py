@@ -33,13 +33,13 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mirror import metrics
-from mirror.builders import interval_identity
-from mirror.history import DEVICE_MESSAGES, existing_times
-from mirror.payloads import Invalid
-from mirror.replay import inbound, write_inbound
-from mirror.rest import RestClient
-from mirror.store import Store
+from mirror.decode.builders import interval_identity
+from mirror.decode.payloads import Invalid
+from mirror.ops import metrics
+from mirror.repair.replay import inbound, write_inbound
+from mirror.repair.rest import RestClient
+from mirror.store.history import DEVICE_MESSAGES, existing_times
+from mirror.store.writer import Store
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from typing import Any, TypeAlias
 
 from sqlalchemy import TextClause, text
 
-from mirror.batch import DeadLetter, WritePlan
-from mirror.families import (
+from mirror.decode.families import (
     FAMILIES,
     AppendWrites,
     Col,
@@ -30,9 +29,10 @@ from mirror.families import (
     Kind,
     StateWrites,
 )
-from mirror.history import DEVICE_MESSAGES, TIER_OF_TABLE, insert_recent
-from mirror.records import ObjectPropertyUpdate, ObjectUpdate, Record
-from mirror.summaries import insert_with_summaries
+from mirror.decode.records import ObjectPropertyUpdate, ObjectUpdate, Record
+from mirror.store.batch import DeadLetter, WritePlan
+from mirror.store.history import DEVICE_MESSAGES, TIER_OF_TABLE, insert_recent
+from mirror.store.summaries import insert_with_summaries
 
 Params: TypeAlias = dict[str, list[Any]]
 Operation: TypeAlias = tuple[str, str, Params]  # (table, operation, bound arrays)

@@ -33,9 +33,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tqdm import tqdm
 
-from mirror.backfill import Backfill, BackfillJob, BackfillReport, iso_time
-from mirror.reconcile import Reconcile, ReconcileReport
-from mirror.rest import RestClient
+from mirror.repair.backfill import Backfill, BackfillJob, BackfillReport, iso_time
+from mirror.repair.reconcile import Reconcile, ReconcileReport
+from mirror.repair.rest import RestClient
 
 log = logging.getLogger(__name__)
 

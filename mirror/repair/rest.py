@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror import metrics
+from mirror.ops import metrics
 
 log = logging.getLogger(__name__)
 

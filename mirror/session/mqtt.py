@@ -16,7 +16,7 @@ import time
 import mqtt5
 from mqtt5 import ConnAckPacket, ConnAckReasonCode, DisconnectReasonCode
 
-from mirror.transport import Connection
+from mirror.session.transport import Connection
 
 
 class SessionEnded(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from mirror.payloads import (
+from mirror.decode.payloads import (
     Invalid,
     checked_timestamp,
     digest,
@@ -20,7 +20,7 @@ from mirror.payloads import (
     parse_timestamp,
     track,
 )
-from mirror.records import (
+from mirror.decode.records import (
     CalculatorDeviceUpdate,
     ChannelMessage,
     DeviceMessage,

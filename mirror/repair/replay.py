@@ -15,11 +15,11 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 
-from mirror import metrics
-from mirror.batch import coalesce
-from mirror.records import Inbound
-from mirror.store import DatabaseUnavailable, Store, WriteResult
-from mirror.topics import decode
+from mirror.decode.records import Inbound
+from mirror.decode.topics import decode
+from mirror.ops import metrics
+from mirror.store.batch import coalesce
+from mirror.store.writer import DatabaseUnavailable, Store, WriteResult
 
 log = logging.getLogger(__name__)
 

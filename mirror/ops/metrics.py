@@ -29,7 +29,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from mirror import __version__
-from mirror.records import (
+from mirror.decode.records import (
     Reason,
 )
 

@@ -360,7 +360,8 @@ _SCHEMES = ("postgresql", "postgres")
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    """What ``replay-dead-letters`` takes beyond the database options (mirror/dead_letters.py)."""
+    """What ``replay-dead-letters`` takes beyond the database options
+    (mirror/store/dead_letters.py)."""
 
     reasons: tuple[str, ...] = ()
     since: datetime | None = None

@@ -42,22 +42,22 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mirror.batch import DeadLetter, WritePlan
-from mirror.failures import error_chain, sqlstate
-from mirror.history import (
+from mirror.decode.records import (
+    Inbound,
+    Reason,
+    Record,
+    Rejection,
+)
+from mirror.ops.failures import error_chain, sqlstate
+from mirror.store.batch import DeadLetter, WritePlan
+from mirror.store.history import (
     ENSURE_HORIZON,
     LOCK_LATE_BUCKETS,
     READ_HORIZON,
     TIER_OF_TABLE,
     late_buckets,
 )
-from mirror.records import (
-    Inbound,
-    Reason,
-    Record,
-    Rejection,
-)
-from mirror.statements import STATEMENTS, dead_letter_params, plan_operations
+from mirror.store.statements import STATEMENTS, dead_letter_params, plan_operations
 
 log = logging.getLogger(__name__)
 
