@@ -103,6 +103,73 @@ async def _bare(url: str, schema: str, mix: Mix, count: int) -> dict[str, Any]:
     return {"messages": count, "rows": rows, "seconds": seconds, "rate": count / seconds}
 
 
+def stages(mix: Mix, count: int) -> dict[str, Any]:
+    """The daemon's own Python work per message, stage by stage, in this process: no broker,
+    no database. Real PUBLISH bytes (made untimed) are parsed by the session's Inbox, handled as
+    the session handles them, decoded and coalesced as the pipeline does (5,000 a batch), turned
+    into statement parameters, and acknowledged (the PUBACK bytes). What the drain spends beyond
+    these and PostgreSQL is the event loop, SQLAlchemy's execute and the socket."""
+    import types
+
+    import mqtt5
+
+    from mirror.decode.topics import decode
+    from mirror.ops.config import Settings
+    from mirror.pipeline import _inbound
+    from mirror.session.mqtt import Inbox
+    from mirror.session.source import MqttSource, puback
+    from mirror.store.batch import coalesce
+    from mirror.store.statements import plan_operations
+
+    rnd = random.Random(1)
+    start = time.time()
+    wire = bytearray()
+    for i in range(count):
+        topic, payload = mix.message(i, rnd, start)
+        props = [("cid", CID), ("timestamp", repr(start + i * 1e-6))]
+        wire += mqtt5.PublishPacket(
+            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=mix.retained,
+            packet_id=i % 65535 + 1, user_properties=props,
+        ).write()  # fmt: skip
+    data = bytes(wire)
+    spent: dict[str, float] = {}
+
+    def timed(name: str, began: float) -> None:
+        spent[name] = spent.get(name, 0.0) + time.perf_counter() - began
+
+    source = MqttSource(Settings(max_unacked=count + 1, max_unacked_bytes=1 << 40))
+    link = types.SimpleNamespace(epoch=0)
+    inbox = Inbox(1 << 24)
+    began = time.perf_counter()
+    packets = []
+    for at in range(0, len(data), 65536):  # the socket's reads
+        packets += inbox.feed(data[at : at + 65536])
+    timed("parse (Inbox.feed)", began)
+    began = time.perf_counter()
+    now = time.time()
+    for packet, size in packets:
+        source._on_publish(link, packet, size, now)  # type: ignore[arg-type]
+    timed("receive (_on_publish)", began)
+    received = list(source._buffer)
+    for first in range(0, len(received), BATCH):
+        part = received[first : first + BATCH]
+        began = time.perf_counter()
+        decoded = [(m, decode(m, 1 << 20, int(CID))) for m in map(_inbound, part)]
+        timed("decode (Inbound, decode)", began)
+        began = time.perf_counter()
+        plan = coalesce(decoded)
+        timed("coalesce", began)
+        began = time.perf_counter()
+        for _table, _op, params in plan_operations(plan):
+            dict(params)
+        timed("parameters (plan_operations)", began)
+        began = time.perf_counter()
+        b"".join(puback(m.packet_id) for m in part)
+        timed("ack (PUBACK bytes)", began)
+    per = {name: round(seconds / count * 1e6, 2) for name, seconds in spent.items()}
+    return {"messages": count, "us_per_message": per, "total_us": round(sum(per.values()), 2)}
+
+
 def _floor(mix: Mix, count: int) -> dict[str, Any]:
     with services() as s:
         return asyncio.run(_bare(s.database_url, "floor", mix, count))
@@ -111,6 +178,7 @@ def _floor(mix: Mix, count: int) -> dict[str, Any]:
 def floor(opts: Options) -> dict[str, Any]:
     from bench.backfill import backfill
 
+    python = stages(Mix(), opts.messages)
     drain_floor = _floor(Mix(), opts.messages)
     drain = drain_mirror(opts)
     devices = -(-opts.retained // 50)
@@ -121,7 +189,7 @@ def floor(opts: Options) -> dict[str, Any]:
     snapshot_ratio = snapshot["seconds_from_start"] / snapshot_floor["seconds"]
     backfill_ratio = filled["backfill_vs_fetch"]
     return {
-        "drain": {"floor": drain_floor, "mirror": drain, "ratio": drain_ratio},
+        "drain": {"floor": drain_floor, "mirror": drain, "ratio": drain_ratio, "stages": python},
         "snapshot": {"floor": snapshot_floor, "mirror": snapshot, "ratio": snapshot_ratio},
         "backfill": {"mirror": filled, "ratio": backfill_ratio},
         "targets": {
@@ -143,6 +211,10 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"mirror {s['mirror']['seconds_from_start']:.1f} s from start, statements bare "
          f"{s['floor']['seconds']:.1f} s, peak RSS {s['mirror']['peak_rss_mb']:.0f} MB; "
          "target <= 1.3"),
+        ("floor: drain, Python per message", f"{d['stages']['total_us']:.1f} us",
+         ", ".join(f"{k} {v}" for k, v in d["stages"]["us_per_message"].items())
+         + f"; the mirror takes {1e6 / d['mirror']['rate']:.1f} us a message, PostgreSQL "
+         f"bare {1e6 / d['floor']['rate']:.1f} us"),
         ("floor: backfill", f"{b['ratio']:.2f} x fetch",
          f"backfill {b['mirror']['backfill']['rate']:,.0f} msg/s, fetch alone "
          f"{b['mirror']['fetch_only']['rate']:,.0f}; target >= 0.8"),

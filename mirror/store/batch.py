@@ -88,8 +88,9 @@ def _merge_tied(kept: list[Record], record: Record) -> list[Record]:
 def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan:
     """Build the write plan for records given in arrival order."""
     plan = WritePlan()
-    # key -> [time in µs (computed once a second record of the key comes), records, messages]
-    newest: dict[tuple[Any, ...], list[Any]] = {}
+    # key -> (record, message) while a key has one record (most keys of most batches); from its
+    # second record on, [time in µs, records kept, their messages]
+    newest: dict[tuple[Any, ...], Any] = {}
     seen = 0
     for message, record in decoded:
         if isinstance(record, Rejection):
@@ -99,12 +100,12 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
         key = record.key
         current = newest.get(key)
         if current is None:
-            newest[key] = [None, [record], [message]]
+            newest[key] = (record, message)
             continue
         if isinstance(record, _HISTORY):
             continue  # the same message again: stored once
-        if current[0] is None:
-            current[0] = ts_micros(current[1][0].ts)
+        if type(current) is tuple:
+            current = newest[key] = [ts_micros(current[0].ts), [current[0]], [current[1]]]
         micros = ts_micros(record.ts)
         if micros > current[0]:
             newest[key] = [micros, [record], [message]]
@@ -113,12 +114,29 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
             if kept is not current[1]:
                 messages = [message] if kept == [record] else [*current[2], message]
                 newest[key] = [micros, kept, messages]
-    kept_count = sum(len(records) for _, records, _ in newest.values())
-    plan.superseded = seen - kept_count
-    # Keys start with their table name; within a table they share one shape, so they compare.
+    # Keys start with a name of their family and, within a family, share one shape, so they
+    # compare; sorted, each family's keys come in one run.
+    tables: dict[str, list[Record]] = {}
+    origins = plan.origins
+    rows: list[Record] = []
+    head = None
     for key in sorted(newest):
-        _, records, messages = newest[key]
+        entry = newest[key]
+        if type(entry) is tuple:
+            record, message = entry
+            if key[0] != head:
+                head = key[0]
+                rows = tables.setdefault(FAMILY_OF_RECORD[type(record)].table, [])
+            rows.append(record)
+            origins[id(record)] = message
+            continue
+        _, records, messages = entry
         for record, message in zip(records, messages, strict=True):
-            plan.add(record)
-            plan.origins[id(record)] = message
+            if key[0] != head:
+                head = key[0]
+                rows = tables.setdefault(FAMILY_OF_RECORD[type(record)].table, [])
+            rows.append(record)
+            origins[id(record)] = message
+    plan.tables = dict(sorted(tables.items(), key=lambda t: _TABLE_ORDER[t[0]]))
+    plan.superseded = seen - len(origins)
     return plan
