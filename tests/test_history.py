@@ -23,6 +23,7 @@ from mirror.store import compaction, partitions
 from mirror.store.batch import coalesce
 from mirror.store.database import create_engine, migrate
 from mirror.store.history import CHANNEL_MESSAGES, DEVICE_MESSAGES, hour_start
+from mirror.store.schema import metadata
 from mirror.store.writer import Store
 from tests.helpers import eventually, publisher, query, running_mirror, settings_for
 
@@ -310,10 +311,10 @@ async def test_a_past_day_emptied_by_compaction_gives_its_index_space_back(engin
     # two days back, 00:00 UTC: a day over before the horizon whatever the hour of this run
     yesterday = hour_start(NOW) - 2 * 86400 - (hour_start(NOW) % 86400)
     messages = [message(d, yesterday + 3600 + i * 60.0) for i in range(600) for d in (1, 2)]
+    day = dt.datetime.fromtimestamp(yesterday, dt.UTC).date()
+    await partitions.ensure_day(engine, metadata.tables["device_messages_recent"], day)
     await write(store, messages)
-    name = partitions.partition_name(
-        "device_messages_recent", dt.datetime.fromtimestamp(yesterday, dt.UTC).date()
-    )
+    name = partitions.partition_name("device_messages_recent", day)
     size = "SELECT pg_total_relation_size(CAST(:n AS regclass))"
     ((before,),) = await query(engine, size, n=name)
     report = await compaction.compact(engine, after_hours=1.0, now=NOW)
