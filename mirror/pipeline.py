@@ -16,8 +16,10 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -62,6 +64,10 @@ HOLD_RECENT = 60.0
 # waited on and exits (nothing is lost: what it did not acknowledge is delivered again).
 SHUTDOWN_GRACE = 5.0
 EXIT_SHUTDOWN_OVERDUE = 3
+
+
+_FAMILY = attrgetter("family")
+_QOS = attrgetter("qos")
 
 
 def _inbound(m: Received) -> Inbound:
@@ -699,21 +705,17 @@ class Mirror:
         metrics.LAST_COMMIT.set(now)
         self.update_gauges()
         metrics.SUPERSEDED.inc(plan.superseded)
-        families: dict[tuple[str, int], int] = {}
-        lags: list[float] = []
-        newest = self._newest_sent
-        for inbound, record in decoded:
-            key = (str(record.family), inbound.qos)
-            families[key] = families.get(key, 0) + 1
-            sent = lag_reference(inbound, record)
-            if sent is not None:
-                lags.append(max(0.0, now - sent))
-                if newest is None or sent > newest:
-                    newest = sent
-        self._newest_sent = newest
-        metrics.observe_many(metrics.LAG, lags)
-        for (family, qos), count in families.items():
-            metrics.MESSAGES_RECEIVED.labels(family, str(qos)).inc(count)
+        if decoded:  # per message, kept to C-level loops: this runs for every message
+            inbounds, records = zip(*decoded, strict=True)
+            families = Counter(zip(map(_FAMILY, records), map(_QOS, inbounds), strict=True))
+            sent = [s for s in map(lag_reference, inbounds, records) if s is not None]
+            if sent:
+                newest = max(sent)
+                if self._newest_sent is None or newest > self._newest_sent:
+                    self._newest_sent = newest
+                metrics.observe_many(metrics.LAG, [max(0.0, now - s) for s in sent])
+            for (family, qos), count in families.items():
+                metrics.MESSAGES_RECEIVED.labels(str(family), str(qos)).inc(count)
         for (table, operation), count in result.rows.items():
             if count:
                 metrics.ROWS_WRITTEN.labels(table, operation).inc(count)

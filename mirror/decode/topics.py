@@ -165,13 +165,29 @@ def decode(
         return Rejection(Reason.WRONG_SHAPE, f"could not decode: {type(exc).__name__}", family, cid)
 
 
+# Records that carry neither flespi's receive time nor a message identity: their lag counts from
+# the ``timestamp`` user property.
+_PROPERTY_TIMED = frozenset(
+    spec.record
+    for spec in FAMILIES
+    if not {"server_ts", "digest"} & set(getattr(spec.record, "__slots__", ()))
+)
+
+
 def lag_reference(msg: Inbound, record: Record | Rejection) -> float | None:
     """When flespi published what a message carries, for the lag metric; None when the
     message says nothing about lag: a rejection, or a retained message (a snapshot is old by
     design). Device and channel messages count from their ``server.timestamp`` (flespi's
     receive time), never from device time (a black-box backlog is history, not lag); the
     rest from the ``timestamp`` user property."""
-    if isinstance(record, Rejection) or msg.retain:
+    if msg.retain:
+        return None
+    if type(record) in _PROPERTY_TIMED:  # most messages: telemetry and the other state
+        try:
+            return float(msg.properties["timestamp"])
+        except (KeyError, ValueError):
+            return None
+    if isinstance(record, Rejection):
         return None
     server_ts = getattr(record, "server_ts", None)
     if server_ts is not None:

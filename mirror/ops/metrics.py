@@ -8,6 +8,7 @@ else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -16,6 +17,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from prometheus_client import (
@@ -356,10 +358,7 @@ def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
         return
     if not amounts:
         return
-    counts: dict[int, int] = {}
-    for amount in amounts:
-        index = bisect_left(bounds, amount)
-        counts[index] = counts.get(index, 0) + 1
+    counts = collections.Counter(map(partial(bisect_left, bounds), amounts))
     total.inc(sum(amounts))
     for index, count in counts.items():
         buckets[index].inc(count)
