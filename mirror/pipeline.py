@@ -9,6 +9,7 @@ commit and acknowledge what is in hand, disconnect keeping the session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import faulthandler
 import gc
@@ -41,7 +42,7 @@ from mirror.snapshot import (
 from mirror.store import compaction, partitions, summaries
 from mirror.store.batch import WritePlan, coalesce
 from mirror.store.database import migrate
-from mirror.store.writer import DatabaseUnavailable, Store, WriteResult
+from mirror.store.writer import DatabaseUnavailable, Store, Turn, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ HOLD_RECENT = 60.0
 # A stop that outlasts --shutdown-timeout by this much is overdue: the process says what it
 # waited on and exits (nothing is lost: what it did not acknowledge is delivered again).
 SHUTDOWN_GRACE = 5.0
+# Messages decoded between two turns of the event loop while a batch is being written (about
+# 2 ms of work): the write's next round trip to PostgreSQL waits at most that long.
+PREPARE_SLICE = 500
+# Batches written at once, each on its own connection (see _consume and store.Turn).
+WRITES_IN_FLIGHT = 2
 EXIT_SHUTDOWN_OVERDUE = 3
 
 
@@ -129,6 +135,12 @@ class Mirror:
         self.settings = settings
         self.engine = engine
         self.store = Store(engine, max_payload_bytes=settings.max_payload_bytes)
+        # One store per write in flight: each adapts its own part size to what it meets.
+        self._stores = [self.store] + [
+            Store(engine, max_payload_bytes=settings.max_payload_bytes)
+            for _ in range(WRITES_IN_FLIGHT - 1)
+        ]
+        self.committed_batches_started = 0
         self.health = health or metrics.Health()
         self.source = MqttSource(
             settings,
@@ -143,7 +155,8 @@ class Mirror:
         self._overdue: asyncio.TimerHandle | None = None  # armed by stop_on_time
         self.committed_messages = 0
         self.committed_batches = 0
-        self._in_hand_since: float | None = None  # receive time of the batch being written
+        # receive time of the first message of each batch being written, by id of the batch
+        self._in_hand: dict[int, float] = {}
         self._full_batch_at = float("-inf")  # monotonic time of the last batch taken full
         self._last_commit_at = 0.0  # Unix time of the last commit (0: none yet)
         self._newest_sent: float | None = None  # flespi's time of the newest message committed
@@ -405,7 +418,7 @@ class Mirror:
         now = time.time()
         unacked = self.source.unacked
         metrics.UNACKED.set(unacked)
-        oldest = self._in_hand_since or self.source.oldest_buffered_at()
+        oldest = min(self._in_hand.values(), default=None) or self.source.oldest_buffered_at()
         metrics.OLDEST_UNACKED_AGE.set(max(0.0, now - oldest) if oldest else 0.0)
         # Stalled: messages wait, and nothing was committed since the oldest of them arrived.
         stalled = max(0.0, now - max(self._last_commit_at, oldest)) if unacked and oldest else 0.0
@@ -503,11 +516,13 @@ class Mirror:
     ) -> None:
         """Write and acknowledge ``source``'s batches until it is drained (or ``until`` says).
 
-        Two batches overlap: while one is being written (the event loop waits on PostgreSQL),
-        the next is taken and decoded. Writes stay one at a time and in order, so acks follow
-        arrival order and a key's updates reach the database in the order they came."""
+        Batches overlap: while up to ``WRITES_IN_FLIGHT`` are being written, each on its own
+        connection, the next is taken and decoded. A write's statements keep their place
+        behind the write before (store.Turn), so a key's updates reach the database in the order
+        they came, and acknowledgements go out in arrival order, each after its commit."""
         s = self.settings
-        writing: asyncio.Task[WriteResult] | None = None
+        writing: collections.deque[asyncio.Task[WriteResult]] = collections.deque()
+        last: Turn | None = None
         try:
             while True:
                 if until is None:
@@ -525,24 +540,35 @@ class Mirror:
                     break
                 if len(batch) >= s.batch_size or batch.size >= s.max_batch_bytes // 2:
                     self._full_batch_at = time.monotonic()
-                prepared = self.prepare(batch)
-                if writing is not None:
-                    await writing
-                writing = asyncio.create_task(self.write(prepared), name="write")
+                if not writing:
+                    prepared = self.prepare(batch)
+                else:  # batches before are being written: decode beside them
+                    prepared = await self.prepare_beside(batch)
+                while len(writing) >= WRITES_IN_FLIGHT:
+                    await writing.popleft()
+                last = Turn(last)
+                store = self._stores[self.committed_batches_started % len(self._stores)]
+                self.committed_batches_started += 1
+                writing.append(
+                    asyncio.create_task(self.write(prepared, last, store), name="write")
+                )
         except ShutdownTimeout:
             self._shutdown_timed_out()
-            writing = None
-        except BaseException:  # cancelled, or a bug: the batch in writing goes too, unacked
-            if writing is not None:
-                writing.cancel()
+        except BaseException:  # cancelled, or a bug: the batches in writing go too, unacked
+            for task in writing:
+                task.cancel()
+            for task in writing:
                 with contextlib.suppress(asyncio.CancelledError, ShutdownTimeout):
-                    await writing
+                    await task
             raise
-        if writing is not None:  # drained, or told to stop: the last batch is written first
+        timed_out = False
+        while writing:  # drained, or told to stop: the batches in hand are written first
             try:
-                await writing
+                await writing.popleft()
             except ShutdownTimeout:
-                self._shutdown_timed_out()
+                timed_out = True
+        if timed_out:
+            self._shutdown_timed_out()
 
     def _shutdown_timed_out(self) -> None:
         log.error(
@@ -552,33 +578,64 @@ class Mirror:
         )
 
     def prepare(self, batch: Batch) -> Prepared:
-        """Decode and coalesce a batch (CPU only: runs while the previous batch is written)."""
+        """Decode and coalesce a batch (CPU only)."""
+        decoded = self._decode(batch.messages)
+        return Prepared(batch, decoded, coalesce(decoded))
+
+    async def prepare_beside(self, batch: Batch) -> Prepared:
+        """:meth:`prepare`, a slice at a time, letting the event loop run between slices: the
+        batch being written goes on with its round trips to PostgreSQL (a transaction is a
+        few of them) instead of waiting for the whole batch to be decoded, so decoding and
+        the database's work overlap."""
+        messages = batch.messages
+        decoded: list[tuple[Inbound, Record | Rejection]] = []
+        for start in range(0, len(messages), PREPARE_SLICE):
+            decoded += self._decode(messages[start : start + PREPARE_SLICE])
+            await asyncio.sleep(0)
+        return Prepared(batch, decoded, coalesce(decoded))
+
+    def _decode(self, messages: Sequence[Received]) -> list[tuple[Inbound, Record | Rejection]]:
         max_payload = self.settings.max_payload_bytes
         # The token's account (from the CONNACK) for messages that carry no cid property.
         default_cid = self.source.account_cid
-        decoded = [
+        return [
             (inbound, decode(inbound, max_payload, default_cid))
-            for inbound in map(_inbound, batch.messages)
+            for inbound in map(_inbound, messages)
         ]
-        return Prepared(batch, decoded, coalesce(decoded))
 
     async def commit(self, batch: Batch) -> WriteResult:
         """Decode, coalesce, write (retrying while the database is away), then acknowledge the
         batch (it carries its own ack, to the session it came from)."""
         return await self.write(self.prepare(batch))
 
-    async def write(self, prepared: Prepared) -> WriteResult:
-        """Write a prepared batch (retrying while the database is away), then acknowledge it."""
+    async def write(
+        self, prepared: Prepared, turn: Turn | None = None, store: Store | None = None
+    ) -> WriteResult:
+        """Write a prepared batch (retrying while the database is away), then acknowledge it:
+        with ``turn``, once the batch before was acknowledged (not at all if it was not)."""
         batch, decoded, plan = prepared
         messages = batch.messages
-        self._in_hand_since = messages[0].received_at if messages else None
+        if messages:
+            self._in_hand[id(batch)] = messages[0].received_at
+        acked = 0
         try:
-            result = await self._write_until_done(plan)
+            result = await self._write_until_done(plan, turn, store or self.store)
+            if result.set_aside:
+                self._set_aside(prepared, result.set_aside)
+            before = turn.before.acked if turn is not None and turn.before is not None else None
+            if turn is not None:
+                turn.end()  # its statements are done: the write after it may run all of its
+            if before is None or await before:
+                acked = batch.ack()
+            else:
+                log.info("committed %d messages left unacknowledged: a batch before them "
+                         "was not committed", len(batch))  # fmt: skip
+            if turn is not None:
+                turn.settle(before is None or before.result())
         finally:
-            self._in_hand_since = None
-        if result.set_aside:
-            self._set_aside(prepared, result.set_aside)
-        acked = batch.ack()
+            self._in_hand.pop(id(batch), None)
+            if turn is not None:
+                turn.settle(False)  # no effect once settled
         now = self._last_commit_at = time.time()
         self._observe(messages, decoded, plan, result, now)
         self.committed_messages += len(batch)
@@ -586,14 +643,16 @@ class Mirror:
         log.debug("committed %d messages (%d acks sent)", len(batch), acked)
         return result
 
-    async def _write_until_done(self, plan: WritePlan) -> WriteResult:
+    async def _write_until_done(
+        self, plan: WritePlan, turn: Turn | None = None, store: Store | None = None
+    ) -> WriteResult:
         """Write the plan, holding it (nothing acknowledged) while the database cannot take it."""
         delay = RETRY_MIN
         outage_started: float | None = None
         while True:
             started = time.perf_counter()
             try:
-                result = await self.store.write(plan, set_aside=True)
+                result = await (store or self.store).write(plan, set_aside=True, turn=turn)
             except DatabaseUnavailable as exc:
                 if outage_started is None:
                     outage_started = time.monotonic()

@@ -7,11 +7,14 @@ option), so tests never see each other's rows and no test needs to clean up.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror.sim.rest_responder import AccountRecord, RestResponder
+from mirror.store import partitions
+from mirror.store.database import create_engine, migrate
 from tests.launchers import MosquittoBroker, TestDatabase, fresh_database
 
 
@@ -49,3 +52,13 @@ def responder(broker: MosquittoBroker, record: AccountRecord) -> Iterator[RestRe
         yield responder
     finally:
         responder.stop()
+
+
+@pytest.fixture
+async def engine(database: TestDatabase, schema_name: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test's schema, migrated, with today's partitions made."""
+    engine = create_engine(database.url, schema_name)
+    await migrate(engine, schema_name)
+    await partitions.maintain(engine)
+    yield engine
+    await engine.dispose()

@@ -9,7 +9,7 @@ import asyncio
 import datetime as dt
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,7 +21,6 @@ from mirror.decode.topics import decode
 from mirror.ops import metrics
 from mirror.store import compaction, partitions
 from mirror.store.batch import coalesce
-from mirror.store.database import create_engine, migrate
 from mirror.store.history import CHANNEL_MESSAGES, DEVICE_MESSAGES, hour_start
 from mirror.store.schema import metadata
 from mirror.store.writer import Store
@@ -77,14 +76,6 @@ async def counts(engine: AsyncEngine, tier: Any = DEVICE_MESSAGES) -> tuple[int,
     (packed,) = (await query(engine, f"SELECT coalesce(sum(messages), 0) FROM {tier.hours}"))[0]
     return recent, packed
 
-
-@pytest.fixture
-async def engine(database: Any, schema_name: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database.url, schema_name)
-    await migrate(engine, schema_name)
-    await partitions.maintain(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def test_packed_hours_read_back_exactly_as_the_rows_they_were(engine):

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -119,14 +119,6 @@ async def recount_all(engine: AsyncEngine) -> None:
     while await summaries.recount(engine):
         pass
 
-
-@pytest.fixture
-async def engine(database: Any, schema_name: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database.url, schema_name)
-    await migrate(engine, schema_name)
-    await partitions.maintain(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def test_a_day_sent_in_order_in_many_batches_is_exact_without_a_recount(engine):

@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mirror.decode.records import Inbound
 from mirror.store import compaction, partitions
@@ -45,14 +44,6 @@ def track_history() -> list[Inbound]:
         for i in range(int((NOW - START) / every)) for d in (1, 2, 3)
     ]  # fmt: skip
 
-
-@pytest.fixture
-async def engine(database: TestDatabase, schema_name: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database.url, schema_name)
-    await migrate(engine, schema_name)
-    await partitions.maintain(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ held as before (the environment) or dead-lettered (its content).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import Counter
@@ -184,6 +185,56 @@ _WRITE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class Turn:
+    """A write's place in line, for the write that follows it on another connection.
+
+    The pipeline keeps two batches in writing at once (pipeline.py). Each statement of the later
+    one (a table's upsert, a function call) runs only once the earlier one has run the same
+    statement, or has none like it: the earlier transaction then holds the locks of its rows
+    until it commits, so a key that both batches write is written in the order the messages
+    came. Tables are written in one order, so neither waits for the other in a circle. A turn
+    is over (everything after it may go) once its write has ended, or its transaction failed
+    and will be tried again. ``acked`` tells the later write whether this one's batch was
+    acknowledged: acknowledgements go out in the order the messages came."""
+
+    def __init__(self, before: Turn | None = None) -> None:
+        self.over = False
+        # Kept until it is settled: its statements may be over while its ack still waits.
+        self.before = before if before is not None and not before.acked.done() else None
+        self._steps: frozenset[str] | None = None  # the statements this write will run
+        self._passed: dict[str, asyncio.Event] = {}
+        self.acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def plan(self, steps: Sequence[str]) -> None:
+        self._steps = frozenset(steps)
+
+    def passed(self, step: str) -> None:
+        self._passed.setdefault(step, asyncio.Event()).set()
+
+    def end(self) -> None:
+        """Over: every statement after it may go."""
+        self.over = True
+        for event in self._passed.values():
+            event.set()
+
+    async def reached(self, step: str) -> None:
+        """Return once ``step`` may run after this turn."""
+        if self.over or (self._steps is not None and step not in self._steps):
+            return
+        await self._passed.setdefault(step, asyncio.Event()).wait()
+
+    async def wait_before(self, step: str) -> None:
+        if self.before is not None:
+            await self.before.reached(step)
+
+    def settle(self, acked: bool) -> None:
+        """Its batch acknowledged (or not): the write after it may acknowledge its own."""
+        self.end()
+        self.before = None  # no chain of turns kept alive
+        if not self.acked.done():
+            self.acked.set_result(acked)
+
+
 class Store:
     """Writes plans through a SQLAlchemy async engine whose connections use the mirror schema."""
 
@@ -198,7 +249,12 @@ class Store:
         self._too_big: int | None = None
 
     async def write(
-        self, plan: WritePlan, *, then: Sequence[Statement] = (), set_aside: bool = False
+        self,
+        plan: WritePlan,
+        *,
+        then: Sequence[Statement] = (),
+        set_aside: bool = False,
+        turn: Turn | None = None,
     ) -> WriteResult:
         """Write the plan; refused records become dead letters.
 
@@ -207,6 +263,7 @@ class Store:
         ``then`` runs in the same transaction after the plan (a replay deletes the dead letters
         it re-processed, so a crash can neither lose nor double them). With ``set_aside``, a
         record that times out alone is left out and returned in ``set_aside`` (see above).
+        With ``turn``, its statements keep their place behind the write before (:class:`Turn`).
         """
         records = plan.records()
         aside: list[tuple[Record, str]] = []
@@ -215,10 +272,12 @@ class Store:
             self._too_big = None  # the smallest part that failed for its size, this attempt
             try:
                 async with self.engine.begin() as conn:
-                    result = await self._write_parts(conn, plan, records, limit, set_aside)
+                    result = await self._write_parts(conn, plan, records, limit, set_aside, turn)
                     for statement, params in then:
                         await conn.execute(statement, params)
             except _WRITE_ERRORS as exc:
+                if turn is not None:  # rolled back: the write after this one need not wait
+                    turn.end()
                 alone = next((e for e in error_chain(exc) if isinstance(e, _TimedOutAlone)), None)
                 if alone is not None:  # the parts above it failed for it, not their size
                     log.warning("a record timed out alone (%s); setting it aside", alone.detail)
@@ -254,13 +313,17 @@ class Store:
         records: list[Record],
         limit: int,
         set_aside: bool = False,
+        turn: Turn | None = None,
     ) -> WriteResult:
         result = WriteResult()
         refused: list[DeadLetter] = []
+        whole = limit >= len(records)  # one part: its statements are all the plan's
         horizon = await _guard_history(conn, plan)
         for start in range(0, len(records), limit):
             part = records[start : start + limit]
-            await self._write_part(conn, plan, part, result, refused, horizon, set_aside)
+            await self._write_part(
+                conn, plan, part, result, refused, horizon, set_aside, turn, whole
+            )
         letters = [*plan.dead_letters, *refused]
         if letters:
             params = dead_letter_params(letters, self.max_payload_bytes)
@@ -277,11 +340,16 @@ class Store:
         refused: list[DeadLetter],
         horizon: float,
         set_aside: bool = False,
+        turn: Turn | None = None,
+        whole: bool = False,
     ) -> None:
-        """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller."""
+        """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller.
+        ``whole``: the part is the whole plan, so its statements are all the plan's."""
         try:
             async with conn.begin_nested():
-                written = await self._write_all(conn, _sub_plan(plan, part), horizon)
+                written = await self._write_all(
+                    conn, _sub_plan(plan, part), horizon, turn, whole
+                )
         except DATABASE_ERRORS as exc:
             if set_aside and len(part) == 1 and _timed_out(exc):
                 raise _TimedOutAlone(part[0], _describe(exc)) from exc
@@ -296,7 +364,9 @@ class Store:
             result.splits += 1
             half = len(part) // 2
             for half_part in (part[:half], part[half:]):
-                await self._write_part(conn, plan, half_part, result, refused, horizon, set_aside)
+                await self._write_part(
+                    conn, plan, half_part, result, refused, horizon, set_aside, turn
+                )
             return
         result.rows.update(written.rows)
 
@@ -313,14 +383,27 @@ class Store:
         return failure
 
     async def _write_all(
-        self, conn: AsyncConnection, plan: WritePlan, horizon: float = -math.inf
+        self,
+        conn: AsyncConnection,
+        plan: WritePlan,
+        horizon: float = -math.inf,
+        turn: Turn | None = None,
+        whole: bool = False,
     ) -> WriteResult:
         result = WriteResult()
-        for table, op, params in plan_operations(plan):
+        operations = plan_operations(plan)
+        if turn is not None and whole:  # the write after this one skips what it will not run
+            turn.plan([f"{table}.{op}" for table, op, _ in operations])
+        for table, op, params in operations:
             bound: dict[str, Any] = dict(params)
             if table in TIER_OF_TABLE:  # late rows are those before the horizon
                 bound["horizon"] = horizon
-            cursor = await conn.execute(STATEMENTS[f"{table}.{op}"], bound)
+            step = f"{table}.{op}"
+            if turn is not None:
+                await turn.wait_before(step)
+            cursor = await conn.execute(STATEMENTS[step], bound)
+            if turn is not None:
+                turn.passed(step)
             if op.startswith("merge"):  # props brought up to date: not rows written
                 continue
             count = len(next(iter(params.values())))
