@@ -542,3 +542,18 @@ async def test_one_process_repairs_whatever_the_number_of_workers(
         await assert_every_recorded_message_stored_once(a.engine, record)
     # Backfill lists the devices once, reconcile once: one repair
     assert responder.asked.count("gw/devices/all") == 2, responder.asked[:20]
+
+
+def test_fetched_items_become_the_payloads_a_live_message_would_be_decoded_from() -> None:
+    """orjson writes fetched items; what it cannot write (integers past 64 bits) or would change
+    (NaN, which it writes as null) still goes through the standard library, so decoding refuses
+    a NaN as it refuses it live, never storing a null in its place."""
+    from mirror.decode.records import Inbound, Rejection
+    from mirror.decode.topics import decode
+    from mirror.repair.backfill import _payload
+
+    for item in ({"ident": "é", "timestamp": 1.5, "a": [1, None, {"b": True}]}, {"big": 2**70}):
+        assert json.loads(_payload(item)) == item
+    nan = _payload({"timestamp": 1.0, "temp": float("nan")})
+    decoded = decode(Inbound("flespi/message/gw/devices/1", nan, {}, 2.0))
+    assert isinstance(decoded, Rejection) and decoded.reason == "non_finite_number", decoded
