@@ -123,3 +123,45 @@ async def test_a_later_batch_committed_first_is_acknowledged_after_the_earlier(
     finally:
         await locker.close()
     assert acks == ["first", "second"]
+
+
+async def test_a_deletion_in_the_later_batch_waits_for_the_earlier_to_commit(
+    broker: Any, database: Any, schema_name: str, engine: AsyncEngine
+) -> None:
+    """The earlier batch inserts a new key and is held (by a lock) before it commits; the later
+    batch deletes that key. Its DELETE must not run beside the uncommitted insert (it would not
+    see the row, and the insert would commit after the deletion): the key stays deleted."""
+    mirror = Mirror(settings_for(broker.url, database.url, schema_name), engine)
+    acks: list[str] = []
+    key = "flespi/state/gw/devices/11/telemetry/speed"
+    message = b'{"ident":"1","timestamp":1765000000,"server.timestamp":1765000001}'
+    first = mirror.prepare(
+        batch([(key, b"5"), ("flespi/message/gw/devices/11", message)], acks, "first")
+    )
+    later = batch([(key, b"")], acks, "second")
+    later.messages[0].properties["timestamp"] = repr(TS + 10)  # the deletion is newer
+    second = mirror.prepare(later)
+    locker = await asyncpg.connect(**asyncpg_connect_kwargs(database.url))
+    try:
+        tr = locker.transaction()
+        await tr.start()
+        # held after its telemetry statement: at the summaries its device message keeps
+        await locker.execute(
+            f'LOCK TABLE "{schema_name}".device_latest_messages IN ACCESS EXCLUSIVE MODE'
+        )
+        turn_a = Turn()
+        a = asyncio.create_task(mirror.write(first, turn_a, mirror._stores[0]))
+        b = asyncio.create_task(mirror.write(second, Turn(turn_a), mirror._stores[1]))
+        await until(lambda: _held_at(locker, schema_name, "device_latest_messages"))
+        await asyncio.sleep(0.5)
+        assert not b.done(), "the deletion committed while the insert before it was open"
+        await tr.rollback()
+        await asyncio.gather(a, b)
+    finally:
+        await locker.close()
+    assert acks == ["first", "second"]
+    assert await query(engine, "SELECT value FROM telemetry WHERE device_id = 11") == []
+
+
+async def _held_at(locker: asyncpg.Connection, schema: str, table: str) -> bool:
+    return await ungranted(locker, schema, table) >= 1

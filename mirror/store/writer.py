@@ -33,7 +33,7 @@ import asyncio
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeAlias
@@ -43,6 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mirror.decode.families import FAMILIES, AppendWrites, StateWrites
 from mirror.decode.records import (
     Inbound,
     Reason,
@@ -58,7 +59,12 @@ from mirror.store.history import (
     TIER_OF_TABLE,
     late_buckets,
 )
-from mirror.store.statements import STATEMENTS, dead_letter_params, plan_operations
+from mirror.store.statements import (
+    STATEMENTS,
+    Operation,
+    dead_letter_params,
+    plan_operations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,21 +194,26 @@ _WRITE_ERRORS: tuple[type[BaseException], ...] = (
 class Turn:
     """A write's place in line, for the write that follows it on another connection.
 
-    The pipeline keeps two batches in writing at once (pipeline.py). Each statement of the later
-    one (a table's upsert, a function call) runs only once the earlier one has run the same
-    statement, or has none like it: the earlier transaction then holds the locks of its rows
-    until it commits, so a key that both batches write is written in the order the messages
-    came. Tables are written in one order, so neither waits for the other in a circle. A turn
-    is over (everything after it may go) once its write has ended, or its transaction failed
-    and will be tried again. ``acked`` tells the later write whether this one's batch was
-    acknowledged: acknowledgements go out in the order the messages came."""
+    The pipeline keeps two batches in writing at once (pipeline.py). A later write's upsert or
+    append into a table the earlier one also upserts (appends) into runs only once the earlier
+    one has run its own: the earlier transaction then holds the locks of its rows (and of the
+    keys it inserts) until it commits, so a key that both batches write is written in the order
+    the messages came, and the later statement waits for exactly the rows they share. Anything
+    else that meets the earlier write's table (a deletion on either side, the custom writes of
+    objects, intervals and calculators, which read before they write) waits until the earlier
+    write is over: a statement's snapshot would not see the other's uncommitted rows. Tables
+    are written in one order, so neither write waits for the other in a circle. A turn is over
+    once its write has committed, or its transaction failed (to be tried again); ``acked`` then
+    tells the later write whether this one's batch was acknowledged: acknowledgements go out in
+    the order the messages came."""
 
     def __init__(self, before: Turn | None = None) -> None:
         self.over = False
         # Kept until it is settled: its statements may be over while its ack still waits.
         self.before = before if before is not None and not before.acked.done() else None
-        self._steps: frozenset[str] | None = None  # the statements this write will run
+        self._steps: frozenset[str] | None = None  # "table.op" of this write; None: unknown
         self._passed: dict[str, asyncio.Event] = {}
+        self._over = asyncio.Event()
         self.acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def plan(self, steps: Sequence[str]) -> None:
@@ -214,18 +225,31 @@ class Turn:
     def end(self) -> None:
         """Over: every statement after it may go."""
         self.over = True
-        for event in self._passed.values():
-            event.set()
+        self._over.set()
 
-    async def reached(self, step: str) -> None:
-        """Return once ``step`` may run after this turn."""
-        if self.over or (self._steps is not None and step not in self._steps):
+    async def _allows(self, step: str) -> None:
+        """Return once a later write may run ``step`` ("table.op")."""
+        if self.over:
             return
-        await self._passed.setdefault(step, asyncio.Event()).wait()
+        steps = self._steps
+        if steps is None:  # not known (a plan written in parts): after it, then
+            await self._over.wait()
+            return
+        table, op = step.split(".", 1)
+        if not any(s.startswith(table + ".") for s in steps):
+            return  # nothing of this table here
+        if table in _LOCKED_BY_ROW and op in ("upsert", "append") and (
+            f"{table}.delete" not in steps
+        ):
+            if step in steps:
+                passed = self._passed.setdefault(step, asyncio.Event())
+                await _first(passed.wait(), self._over.wait())
+            return
+        await self._over.wait()
 
     async def wait_before(self, step: str) -> None:
         if self.before is not None:
-            await self.before.reached(step)
+            await self.before._allows(step)
 
     def settle(self, acked: bool) -> None:
         """Its batch acknowledged (or not): the write after it may acknowledge its own."""
@@ -233,6 +257,22 @@ class Turn:
         self.before = None  # no chain of turns kept alive
         if not self.acked.done():
             self.acked.set_result(acked)
+
+
+# Tables whose upsert or append is one statement that locks each row (or inserted key) it
+# writes: two writes meet only at shared keys, in line (Turn).
+_LOCKED_BY_ROW = frozenset(
+    spec.table for spec in FAMILIES if isinstance(spec.writes, StateWrites | AppendWrites)
+)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class Store:
@@ -317,12 +357,16 @@ class Store:
     ) -> WriteResult:
         result = WriteResult()
         refused: list[DeadLetter] = []
-        whole = limit >= len(records)  # one part: its statements are all the plan's
+        operations = None
+        if limit >= len(records):  # one part, the whole plan: its statements, known now
+            operations = plan_operations(plan)
+            if turn is not None:  # the write after this one skips what it will not meet
+                turn.plan([f"{table}.{op}" for table, op, _ in operations])
         horizon = await _guard_history(conn, plan)
         for start in range(0, len(records), limit):
             part = records[start : start + limit]
             await self._write_part(
-                conn, plan, part, result, refused, horizon, set_aside, turn, whole
+                conn, plan, part, result, refused, horizon, set_aside, turn, operations
             )
         letters = [*plan.dead_letters, *refused]
         if letters:
@@ -341,15 +385,14 @@ class Store:
         horizon: float,
         set_aside: bool = False,
         turn: Turn | None = None,
-        whole: bool = False,
+        operations: list[Operation] | None = None,
     ) -> None:
         """Write ``part`` in a savepoint; split it in halves while it fails and may pass smaller.
-        ``whole``: the part is the whole plan, so its statements are all the plan's."""
+        ``operations``: the plan's statements, when the part is the whole plan."""
         try:
             async with conn.begin_nested():
-                written = await self._write_all(
-                    conn, _sub_plan(plan, part), horizon, turn, whole
-                )
+                sub = plan if operations is not None else _sub_plan(plan, part)
+                written = await self._write_all(conn, sub, horizon, turn, operations)
         except DATABASE_ERRORS as exc:
             if set_aside and len(part) == 1 and _timed_out(exc):
                 raise _TimedOutAlone(part[0], _describe(exc)) from exc
@@ -388,12 +431,11 @@ class Store:
         plan: WritePlan,
         horizon: float = -math.inf,
         turn: Turn | None = None,
-        whole: bool = False,
+        operations: list[Operation] | None = None,
     ) -> WriteResult:
         result = WriteResult()
-        operations = plan_operations(plan)
-        if turn is not None and whole:  # the write after this one skips what it will not run
-            turn.plan([f"{table}.{op}" for table, op, _ in operations])
+        if operations is None:
+            operations = plan_operations(plan)
         for table, op, params in operations:
             bound: dict[str, Any] = dict(params)
             if table in TIER_OF_TABLE:  # late rows are those before the horizon
