@@ -305,7 +305,7 @@ def latency(opts: Options) -> dict[str, Any]:
     """The mirror in this process, so every message's publish→commit time can be recorded.
 
     The publisher is a separate process; this process does nothing but run the mirror while
-    it measures. Latency of a message = the time ``Mirror.commit`` returns for its batch
+    it measures. Latency of a message = the time ``Mirror.write`` returns for its batch
     (after COMMIT and PUBACK) minus its ``timestamp`` user property (set at publish time).
     """
     with services() as s:
@@ -315,18 +315,19 @@ def latency(opts: Options) -> dict[str, Any]:
 async def _latency(s: Services, opts: Options) -> dict[str, Any]:
     from mirror.ops import metrics
     from mirror.ops.config import Secret, Settings
-    from mirror.pipeline import Mirror
-    from mirror.session.source import Batch
+    from mirror.pipeline import Mirror, Prepared
     from mirror.store.database import create_engine
-    from mirror.store.writer import WriteResult
+    from mirror.store.writer import Store, Turn, WriteResult
 
     latencies: list[float] = []
 
     class MeasuredMirror(Mirror):
-        async def commit(self, batch: Batch) -> WriteResult:
-            result = await super().commit(batch)
+        async def write(
+            self, prepared: Prepared, turn: Turn | None = None, store: Store | None = None
+        ) -> WriteResult:
+            result = await super().write(prepared, turn, store)  # committed and acknowledged
             now = time.time()
-            for message in batch:
+            for message in prepared.batch:
                 stamp = message.properties.get("timestamp")
                 if stamp is not None:
                     latencies.append(now - float(stamp))
