@@ -36,7 +36,11 @@ API for other parts of the daemon (e.g. REST over MQTT):
 * ``source.route(topic_filter, prefix, queue, qos=0)``: subscribe ``topic_filter`` on every
   (re)connect and put each ``mqtt5.PublishPacket`` whose topic starts with ``prefix`` on
   ``queue`` instead of the mirror pipeline (QoS 1 ones are acked at once; a full queue drops the
-  message with a warning). ``source.unroute(prefix)`` forgets it.
+  message with a warning); it returns an event set once the broker has granted the
+  subscription. ``source.unroute(prefix)`` forgets it.
+* ``MqttSource(settings, requester=True)``: a throwaway session beside the daemon's (its own
+  client id, clean start) that subscribes to its routes only: the ``backfill`` and ``reconcile``
+  commands' REST (``repair/rest_carrier.py``). Its first connection failing ends it at once.
 * ``source.account_cid``: the account id from the CONNACK user property ``token`` (flespi).
 """
 
