@@ -13,6 +13,7 @@ import collections
 import contextlib
 import faulthandler
 import gc
+import itertools
 import logging
 import os
 import random
@@ -140,7 +141,7 @@ class Mirror:
             Store(engine, max_payload_bytes=settings.max_payload_bytes)
             for _ in range(WRITES_IN_FLIGHT - 1)
         ]
-        self.committed_batches_started = 0
+        self._next_store = itertools.cycle(self._stores)
         self.health = health or metrics.Health()
         self.source = MqttSource(
             settings,
@@ -547,8 +548,7 @@ class Mirror:
                 while len(writing) >= WRITES_IN_FLIGHT:
                     await writing.popleft()
                 last = Turn(last)
-                store = self._stores[self.committed_batches_started % len(self._stores)]
-                self.committed_batches_started += 1
+                store = next(self._next_store)
                 writing.append(
                     asyncio.create_task(self.write(prepared, last, store), name="write")
                 )
@@ -602,11 +602,6 @@ class Mirror:
             (inbound, decode(inbound, max_payload, default_cid))
             for inbound in map(_inbound, messages)
         ]
-
-    async def commit(self, batch: Batch) -> WriteResult:
-        """Decode, coalesce, write (retrying while the database is away), then acknowledge the
-        batch (it carries its own ack, to the session it came from)."""
-        return await self.write(self.prepare(batch))
 
     async def write(
         self, prepared: Prepared, turn: Turn | None = None, store: Store | None = None

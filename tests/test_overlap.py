@@ -67,7 +67,7 @@ async def test_the_later_write_waits_at_the_statement_the_earlier_holds(
         turn_b = Turn(turn_a)
         a = asyncio.create_task(mirror.write(first, turn_a, mirror._stores[0]))
         b = asyncio.create_task(mirror.write(second, turn_b, mirror._stores[1]))
-        await until(lambda: _waiting(locker, schema_name, 1))
+        await until(lambda: blocked(locker, schema_name, "telemetry"))
         await asyncio.sleep(0.5)  # time enough for the second to reach the lock too, were it free
         assert await ungranted(locker, schema_name, "telemetry") == 1
         assert not a.done() and not b.done() and acks == []
@@ -82,8 +82,9 @@ async def test_the_later_write_waits_at_the_statement_the_earlier_holds(
     ]
 
 
-async def _waiting(locker: asyncpg.Connection, schema: str, count: int) -> bool:
-    return await ungranted(locker, schema, "telemetry") >= count
+async def blocked(locker: asyncpg.Connection, schema: str, table: str) -> bool:
+    """Some backend waits for a lock on ``table``."""
+    return await ungranted(locker, schema, table) >= 1
 
 
 async def test_a_later_batch_committed_first_is_acknowledged_after_the_earlier(
@@ -152,7 +153,7 @@ async def test_a_deletion_in_the_later_batch_waits_for_the_earlier_to_commit(
         turn_a = Turn()
         a = asyncio.create_task(mirror.write(first, turn_a, mirror._stores[0]))
         b = asyncio.create_task(mirror.write(second, Turn(turn_a), mirror._stores[1]))
-        await until(lambda: _held_at(locker, schema_name, "device_latest_messages"))
+        await until(lambda: blocked(locker, schema_name, "device_latest_messages"))
         await asyncio.sleep(0.5)
         assert not b.done(), "the deletion committed while the insert before it was open"
         await tr.rollback()
@@ -162,6 +163,3 @@ async def test_a_deletion_in_the_later_batch_waits_for_the_earlier_to_commit(
     assert acks == ["first", "second"]
     assert await query(engine, "SELECT value FROM telemetry WHERE device_id = 11") == []
 
-
-async def _held_at(locker: asyncpg.Connection, schema: str, table: str) -> bool:
-    return await ungranted(locker, schema, table) >= 1

@@ -122,19 +122,16 @@ def coalesce(decoded: Iterable[tuple[Inbound, Record | Rejection]]) -> WritePlan
     head = None
     for key in sorted(newest):
         entry = newest[key]
-        if type(entry) is tuple:
-            record, message = entry
-            if key[0] != head:
-                head = key[0]
-                rows = tables.setdefault(FAMILY_OF_RECORD[type(record)].table, [])
-            rows.append(record)
-            origins[id(record)] = message
+        single = type(entry) is tuple
+        if key[0] != head:  # a family's first key: its table's list
+            head = key[0]
+            first = entry[0] if single else entry[1][0]
+            rows = tables.setdefault(FAMILY_OF_RECORD[type(first)].table, [])
+        if single:
+            rows.append(entry[0])
+            origins[id(entry[0])] = entry[1]
             continue
-        _, records, messages = entry
-        for record, message in zip(records, messages, strict=True):
-            if key[0] != head:
-                head = key[0]
-                rows = tables.setdefault(FAMILY_OF_RECORD[type(record)].table, [])
+        for record, message in zip(entry[1], entry[2], strict=True):
             rows.append(record)
             origins[id(record)] = message
     plan.tables = dict(sorted(tables.items(), key=lambda t: _TABLE_ORDER[t[0]]))
