@@ -34,7 +34,15 @@ class Fatal:
 
 
 class BrokerUnreachable(Exception):
-    """No MQTT session could be had for a command; the message says what to check."""
+    """No MQTT session could be had (the connection could not be opened, or a command got no
+    session in time); the message names the broker and what to check."""
+
+    @classmethod
+    def opening(cls, where: str, cause: BaseException) -> BrokerUnreachable:
+        """The connection to ``where`` could not be opened (refused, no such host, timeout,
+        TLS)."""
+        reason = str(cause) or type(cause).__name__
+        return cls(f"cannot connect to the broker at {where} ({reason}): {broker_hint(cause)}")
 
 
 def error_chain(exc: BaseException) -> list[BaseException]:

@@ -79,7 +79,7 @@ from mqtt5 import (
 )
 
 from mirror.ops.config import Settings
-from mirror.ops.failures import broker_hint
+from mirror.ops.failures import BrokerUnreachable
 from mirror.session.mqtt import (
     ConnectRefused,
     Inbox,
@@ -176,17 +176,6 @@ class _Route:
     queue: asyncio.Queue[PublishPacket]
     qos: int
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the broker granted it
-
-
-class BrokerUnreachable(Exception):
-    """No connection to the broker could be opened (refused, no such host, timeout, TLS): the
-    message names the broker and what to check."""
-
-    def __init__(self, where: str, cause: BaseException) -> None:
-        reason = str(cause) or type(cause).__name__
-        super().__init__(
-            f"cannot connect to the broker at {where} ({reason}): {broker_hint(cause)}"
-        )
 
 
 class MqttSource:
@@ -502,7 +491,7 @@ class MqttSource:
         try:
             conn = await self._connect()
         except (OSError, TimeoutError) as exc:
-            raise BrokerUnreachable(self._where(), exc) from exc
+            raise BrokerUnreachable.opening(self._where(), exc) from exc
         inbox = Inbox(self.settings.max_packet_bytes)
         link: Link | None = None
         try:
