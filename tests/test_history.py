@@ -77,7 +77,6 @@ async def counts(engine: AsyncEngine, tier: Any = DEVICE_MESSAGES) -> tuple[int,
     return recent, packed
 
 
-
 async def test_packed_hours_read_back_exactly_as_the_rows_they_were(engine):
     store = Store(engine)
     messages = history()
@@ -96,29 +95,71 @@ async def test_packed_hours_read_back_exactly_as_the_rows_they_were(engine):
 
 
 async def test_a_time_window_reads_both_tiers_and_only_its_own_hours(engine):
-    await write(Store(engine), history())
+    messages = history()
+    await write(Store(engine), messages + [channel_copy(m) for m in messages])
     await compaction.compact(engine, after_hours=1.0, now=NOW)
-    since, until = NOW - 3 * 3600 - 600, NOW - 1800  # packed and recent hours
-    window = "SELECT device_id, ts FROM device_messages(to_timestamp(:a), to_timestamp(:b))"
-    expected = await query(
-        engine,
-        "SELECT device_id, ts FROM device_messages "
-        "WHERE ts >= to_timestamp(:a) AND ts < to_timestamp(:b) ORDER BY 1, 2",
-        a=since,
-        b=until,
-    )
-    got = await query(engine, window + " ORDER BY 1, 2", a=since, b=until)
-    assert got == expected and len(got) == 3 * 160
-    # The window reaches the packed table's index on hour: only its hours are read.
-    plan = "\n".join(
-        r[0]
-        for r in await query(
-            engine, "EXPLAIN (ANALYZE, COSTS OFF) " + window + " WHERE device_id = 2",
-            a=since, b=until,
+    since, until = NOW - 3 * 3600 - 600, NOW - 1800  # packed and recent hours, edges mid-hour
+    for view, columns in COLUMNS.items():
+        expected = await query(
+            engine,
+            f"SELECT {columns} FROM {view} "
+            "WHERE ts >= to_timestamp(:a) AND ts < to_timestamp(:b) ORDER BY 1, 2, 3, 4",
+            a=since,
+            b=until,
         )
-    )  # fmt: skip
+        got = await query(
+            engine,
+            f"SELECT {columns} FROM {view}(to_timestamp(:a), to_timestamp(:b)) ORDER BY 1, 2, 3, 4",
+            a=since,
+            b=until,
+        )
+        assert got == expected and len(got) == 3 * 160, view
+    window = "SELECT device_id, ts FROM device_messages(to_timestamp(:a), to_timestamp(:b))"
+    # The window reaches the packed table's index on hour: only its hours are read.
+    plan = await explain(
+        engine, "ANALYZE, COSTS OFF", window + " WHERE device_id = 2", since, until
+    )
     conditions = [line for line in plan.splitlines() if "Index Cond" in line]
     assert any("hour >" in line and "hour <" in line for line in conditions), plan
+
+
+async def explain(engine: AsyncEngine, options: str, sql: str, a: float, b: float) -> str:
+    return "\n".join(r[0] for r in await query(engine, f"EXPLAIN ({options}) {sql}", a=a, b=b))
+
+
+async def test_a_window_unpacks_only_the_columns_read_and_tests_only_its_edge_hours(engine):
+    """The fleet's commonest question, one parameter over a time, reads the offsets and the
+    payloads of its packed hours and nothing else; only the two hours at the window's edges
+    have their messages compared with the window (migration 0012)."""
+    await write(Store(engine), history())
+    await compaction.compact(engine, after_hours=1.0, now=NOW)
+    since, until = NOW - 5 * 3600 - 600, NOW - 1800
+    sql = (
+        "SELECT ts, payload -> 'position.speed' FROM device_messages(to_timestamp(:a), "
+        "to_timestamp(:b)) WHERE device_id = 2 ORDER BY ts"
+    )
+    plan = await explain(engine, "VERBOSE, COSTS OFF", sql, since, until)
+    unpacked = [line for line in plan.splitlines() if "Function Call:" in line]
+    assert unpacked and all(
+        "unnest(h" in line
+        and "ts_offsets" in line
+        and "jsonb_array_elements" in line
+        and not any(array in line for array in ("idents", "server_ts", "received_at", "cids"))
+        for line in unpacked
+    ), plan
+    # Messages compared with the window: only in the scan of the hours at its edges; the hours
+    # wholly inside it are unpacked without a test.
+    lines = plan.splitlines()
+    scans = [i for i, line in enumerate(lines) if "Function Scan on m" in line]
+    filtered = [any("Filter:" in line for line in lines[i + 1 : i + 4]) for i in scans]
+    assert sorted(filtered) == [False, True], plan
+    speeds = await query(engine, sql, a=since, b=until)
+    expected = [
+        json.loads(m.payload)["position.speed"]
+        for m in history((2,))
+        if since <= float(m.properties["timestamp"]) < until
+    ]
+    assert [speed for _ts, speed in speeds] == expected
 
 
 async def test_a_redelivered_message_of_a_packed_hour_is_stored_once(engine):
