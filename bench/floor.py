@@ -6,7 +6,8 @@ whole job, and prints each ratio:
 
 - **drain**: the ``throughput`` backlog (``--messages``, the benchmark mix: 95 % telemetry over
   50,000 keys, 5 % device messages) drained by ``flespi-mirror run``, start-up taken off (from
-  its ``connected to`` line to its last commit).
+  its ``connected to`` line to its last commit), with the CPU the mirror, the broker and
+  PostgreSQL each spent per message meanwhile (which of them holds the drain back).
 - **first snapshot**: ``--retained`` retained telemetry topics (1,000,000 for issue 17's target)
   taken by a new ``flespi-mirror run``, from process start to its last commit, with its peak
   RSS.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -212,7 +214,7 @@ def floor(opts: Options) -> dict[str, Any]:
 
     python = stages(Mix(), opts.messages)
     drain_floor = _floor(Mix(), opts.messages)
-    drain = drain_mirror(opts)
+    drain = drain_mirror(opts, cpu=True)
     devices = -(-opts.retained // 50)
     snapshot_floor = _floor(Mix(devices=devices, retained=True), opts.retained)
     snapshot = retained_snapshot(opts, raw_drain=False)
@@ -236,6 +238,7 @@ def floor(opts: Options) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     d, s, b = result["drain"], result["snapshot"], result["backfill"]
+    cpu = d["mirror"].get("cpu_us_per_message") or {"mirror": 0.0, "broker": 0.0, "postgres": 0.0}
     return [
         ("floor: drain", f"{d['ratio']:.2f} x floor",
          f"mirror {d['mirror']['rate']:,.0f} msg/s, statements bare {d['floor']['rate']:,.0f}; "
@@ -248,6 +251,10 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
          ", ".join(f"{k} {v}" for k, v in d["stages"]["us_per_message"].items())
          + f"; the mirror takes {1e6 / d['mirror']['rate']:.1f} us a message, PostgreSQL "
          f"bare {1e6 / d['floor']['rate']:.1f} us"),
+        ("floor: drain, CPU per message", f"mirror {cpu['mirror']:.1f} us",
+         f"broker {cpu['broker']:.1f} us, PostgreSQL {cpu['postgres']:.1f} us, in a drain of "
+         f"{1e6 / d['mirror']['rate']:.1f} us a message on {os.cpu_count()} cores: the mirror "
+         f"busy {cpu['mirror'] * d['mirror']['rate'] / 1e6:.0%} of one"),
         ("floor: backfill", f"{b['ratio']:.2f} x fetch",
          f"backfill {b['mirror']['backfill']['rate']:,.0f} msg/s, fetch alone "
          f"{b['mirror']['fetch_only']['rate']:,.0f}, its statements bare "

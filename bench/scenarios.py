@@ -161,9 +161,48 @@ def drain_naive(opts: Options) -> dict[str, Any]:
                 "rows": int(rows), "publish_rate": publish_rate}  # fmt: skip
 
 
+class CpuShares:
+    """CPU time the mirror, the broker and PostgreSQL spend between :meth:`start` and
+    :meth:`per_message` (PostgreSQL: every ``postgres`` process of the machine, so the system
+    server's other clients count too; nothing else runs here during a benchmark)."""
+
+    def __init__(self, mirror_pid: int) -> None:
+        self.mirror_pid = mirror_pid
+        self.before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        spent = {"mirror": 0.0, "broker": 0.0, "postgres": 0.0}
+        for p in psutil.process_iter(["name", "pid", "cpu_times"]):
+            name, times = p.info["name"] or "", p.info["cpu_times"]
+            if times is None:
+                continue
+            group = ("mirror" if p.info["pid"] == self.mirror_pid else
+                     "broker" if "mosquitto" in name else
+                     "postgres" if "postgres" in name else None)  # fmt: skip
+            if group is not None:
+                spent[group] += times.user + times.system
+        return spent
+
+    def start(self) -> None:
+        self.before = self._now()
+
+    def per_message(self, count: int) -> dict[str, float]:
+        """Microseconds of CPU per message, by process (backends that started and ended in
+        between are missed: the daemon's connections live through a drain)."""
+        after = self._now()
+        return {k: round((after[k] - self.before.get(k, 0.0)) / count * 1e6, 2) for k in after}
+
+
 def drain_mirror(
-    opts: Options, *, profile: bool = False, count: int | None = None, module: str = "mirror.cli"
+    opts: Options,
+    *,
+    profile: bool = False,
+    count: int | None = None,
+    module: str = "mirror.cli",
+    cpu: bool = False,
 ) -> dict[str, Any]:
+    """``cpu``: also the CPU per message of the mirror, the broker and PostgreSQL during the
+    drain, counted from the daemon's ``connected to`` line (seen within 20 ms)."""
     count = count or opts.messages
     name = "profile" if profile else ("drain_" + module.replace(".", "_"))
     with services() as s:
@@ -174,8 +213,15 @@ def drain_mirror(
             s.broker.url, s.database_url, schema, client_id, _log(name), module=module
         )
         spy = _start_profiler(mirror.pid) if profile else None
+        shares = CpuShares(mirror.pid) if cpu else None
         try:
+            if shares is not None:
+                deadline = time.monotonic() + 120
+                while mirror.log_time("connected to") is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                shares.start()
             m = mirror.wait_committed(count, timeout=600)
+            cpu_per_message = shares.per_message(count) if shares is not None else None
         finally:
             if spy is not None:
                 _stop_profiler(spy)
@@ -194,6 +240,8 @@ def drain_mirror(
             raise RuntimeError(f"mirror rows {counts} != expected {expected}")
         if profile:
             result["profile"] = summarize_profile(OUT / "profile.speedscope.json")
+        if cpu_per_message is not None:
+            result["cpu_us_per_message"] = cpu_per_message
         return result
 
 
