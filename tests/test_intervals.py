@@ -232,6 +232,22 @@ def test_an_interval_ends_the_same_in_any_order(migrated, history, order, cuts):
     assert (None, 500, 600, "created") in [r[:4] for r in results[0]]  # untouched
 
 
+def test_a_tombstone_inside_a_later_one_does_not_hide_it(migrated):
+    """Deletions of 100-190 and, later, of 90-200, and an update of 105-190 at the second
+    deletion's time: the deletion wins the tie whatever the order, though the update meets the
+    first tombstone before the second (migration 0013; hypothesis found it)."""
+    history = [(TS, "deleted", 100, 190, 0), (TS + 0.5, "updated", 105, 190, 0),
+               (TS + 0.5, "deleted", 90, 200, 0)]  # fmt: skip
+    orders = [[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 2, 1], [2, 0, 1, 3]]
+    for order in orders:
+        for cut in range(len(order) + 1):
+            events = _events(next(_devices), history)
+            events = [events[i] for i in order]
+            batches = [b for b in (events[:cut], events[cut:]) if b]
+            rows = [r[1:5] for r in write(migrated, *batches)]
+            assert rows == [(None, 500, 600, "created")], (order, cut, rows)
+
+
 async def test_the_live_path_keeps_one_row_per_interval(broker, database, schema_name):
     """Through Mosquitto and the daemon: the simulator's id-less shapes."""
     settings_ = settings_for(broker.url, database.url, schema_name)
